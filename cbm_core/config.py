@@ -1,0 +1,153 @@
+"""Run configuration: TOML files whose relative paths resolve against the file's folder."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbm_core.errors import ConfigError
+
+RUN_SECTIONS = {"run", "source", "store", "extract", "scheme", "marker", "rule"}
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The options a configuration gives one plugin, and where to resolve its relative paths."""
+
+    plugin: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    base_dir: Path = Path(".")
+    where: str = "config"  # how to name this table in error messages, e.g. "[source]"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.options:
+            raise ConfigError(f"{self.where}: missing option '{key}' for plugin '{self.plugin}'")
+        return self.options[key]
+
+    def path(self, key: str, default: str | None = None) -> Path:
+        """An option naming a file or folder, resolved against the configuration's folder."""
+        value = self.options.get(key, default)
+        if value is None:
+            raise ConfigError(f"{self.where}: missing option '{key}' for plugin '{self.plugin}'")
+        path = Path(str(value)).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Options other than the plugin's name and label: a marker's or rule's parameters."""
+        return {k: v for k, v in self.options.items() if k not in ("plugin", "name")}
+
+
+def plugin_config(table: Any, where: str, base_dir: Path, default_plugin: str | None = None) -> PluginConfig:
+    """Build a PluginConfig from one TOML table, checking it names a plugin."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    name = table.get("plugin", default_plugin)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: missing 'plugin = \"NAME\"' (run 'cbm plugins' to list them)")
+    return PluginConfig(plugin=name, options=dict(table), base_dir=base_dir, where=where)
+
+
+def read_toml(path: Path, what: str = "configuration") -> dict[str, Any]:
+    """Read a TOML file, turning the usual mistakes into messages naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Which markers to run and which rule turns their results into verdicts."""
+
+    markers: tuple[PluginConfig, ...]
+    rule: PluginConfig
+
+    @property
+    def marker_names(self) -> list[str]:
+        return [marker_name(m) for m in self.markers]
+
+
+def marker_name(config: PluginConfig) -> str:
+    """The label of a configured marker: its 'name' option, else its plugin's name."""
+    return str(config.options.get("name", config.plugin))
+
+
+def parse_scheme(data: Mapping[str, Any], base_dir: Path, origin: str) -> Scheme:
+    """Read [[marker]] tables and the [rule] table of a scheme (a recipe file or a run config)."""
+    tables = data.get("marker", [])
+    if isinstance(tables, Mapping):
+        tables = [tables]
+    if not tables:
+        raise ConfigError(f"{origin}: no [[marker]] table: a scheme needs at least one marker")
+    markers = tuple(plugin_config(t, f"{origin} [[marker]] #{i + 1}", base_dir) for i, t in enumerate(tables))
+    names = [marker_name(m) for m in markers]
+    repeated = {n for n in names if names.count(n) > 1}
+    if repeated:
+        raise ConfigError(
+            f"{origin}: marker name(s) {', '.join(sorted(repeated))} used twice; set name = ..."
+        )
+    if "rule" not in data:
+        raise ConfigError(f"{origin}: no [rule] table: a scheme needs a decision rule")
+    return Scheme(markers, plugin_config(data["rule"], f"{origin} [rule]", base_dir))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole `cbm run` configuration."""
+
+    path: Path
+    out_dir: Path
+    source: PluginConfig
+    store: PluginConfig
+    extract: tuple[PluginConfig, ...]
+    scheme: Scheme | None  # None until resolved against the plugins' scheme recipes
+    scheme_ref: str | None  # a recipe name or file given as `scheme = ...`
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Parse and check a run configuration file; errors name the section and key at fault."""
+    path = Path(path).resolve()
+    data = read_toml(path)
+    base = path.parent
+    unknown = sorted(set(data) - RUN_SECTIONS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; expected {', '.join(sorted(RUN_SECTIONS))}"
+        )
+    run = data.get("run", {})
+    out_dir = base / str(run.get("out", "out"))
+    if "source" not in data:
+        raise ConfigError(f"{path}: no [source] table: say where parcels and scenes come from")
+    source = plugin_config(data["source"], "[source]", base, default_plugin="local")
+    store_table = dict(data.get("store", {}))
+    store_table.setdefault("path", str(out_dir / "signatures"))
+    store = plugin_config(store_table, "[store]", base, default_plugin="parquet")
+    extract_tables = data.get("extract", [])
+    if isinstance(extract_tables, Mapping):
+        extract_tables = [extract_tables]
+    extract = tuple(plugin_config(t, f"[[extract]] #{i + 1}", base) for i, t in enumerate(extract_tables))
+    for job in extract:
+        bands = job.get("bands")
+        if not isinstance(bands, list) or not bands or not all(isinstance(b, str) for b in bands):
+            raise ConfigError(f"{job.where}: 'bands' must be a non-empty list of band names")
+    scheme_ref = data.get("scheme")
+    if scheme_ref is not None and ("marker" in data or "rule" in data):
+        raise ConfigError(f"{path}: give either scheme = ... or [[marker]] and [rule] tables, not both")
+    scheme = None if scheme_ref is not None else parse_scheme(data, base, str(path))
+    return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref)

@@ -1,0 +1,118 @@
+"""Hook specifications: the whole contract between the core and its plugins.
+
+Naming convention: ``cbm_<family>_<action>``. The family (source, extractor, store, marker,
+rule, cli) is what ``cbm plugins`` reports as a plugin's kind. Operation hooks are
+``firstresult``: the pipeline calls the one plugin a configuration names, never all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+    import geopandas as gpd
+    import pandas as pd
+
+    from cbm_core.config import PluginConfig
+    from cbm_core.model import BandRef, MarkerResult, RasterWindow, Scene, Signatures, TimeSeries, Verdict
+
+PROJECT = "cbm"
+hookspec = pluggy.HookspecMarker(PROJECT)
+impl = pluggy.HookimplMarker(PROJECT)
+
+# Sources -------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cbm_source_parcels(config: PluginConfig) -> gpd.GeoDataFrame:
+    """Return the declared parcels (pid, crop_code, crop_name, geometry) with their CRS."""
+
+
+@hookspec(firstresult=True)
+def cbm_source_catalogue(config: PluginConfig) -> gpd.GeoDataFrame:
+    """Return the scene catalogue: one row per scene with its band -> BandRef mapping."""
+
+
+@hookspec(firstresult=True)
+def cbm_source_read_window(
+    config: PluginConfig, band: BandRef, bounds: tuple[float, float, float, float], crs: str
+) -> RasterWindow:
+    """Read the pixels of one band file covering bounds (in crs), on the file's own grid."""
+
+
+@hookspec(firstresult=True)
+def cbm_source_signatures(config: PluginConfig, pids: Sequence[int] | None) -> TimeSeries:
+    """Return ready-made signatures (from another backend) as a time series, all pids if None."""
+
+
+# Extractors ----------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cbm_extractor_extract(
+    scene: Scene,
+    parcels: gpd.GeoDataFrame,
+    bands: Sequence[str],
+    read_window: Callable[[BandRef, tuple[float, float, float, float], str], RasterWindow],
+    config: PluginConfig,
+) -> Signatures:
+    """Reduce the bands of one scene to per-parcel statistics (and the SCL class histogram)."""
+
+
+# Signature stores ----------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cbm_store_write(config: PluginConfig, signatures: Signatures, obsids: Sequence[str]) -> int:
+    """Store the complete signatures of these scenes, replacing any earlier rows; return rows."""
+
+
+@hookspec(firstresult=True)
+def cbm_store_read(
+    config: PluginConfig,
+    pids: Sequence[int] | None,
+    obsids: Sequence[str] | None,
+    bands: Sequence[str] | None,
+) -> Signatures:
+    """Read stored signatures filtered by parcel, scene and band (None means all)."""
+
+
+@hookspec(firstresult=True)
+def cbm_store_obsids(config: PluginConfig) -> set[str]:
+    """Return the scenes whose signatures are completely stored, so re-runs skip them."""
+
+
+# Markers -------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
+    """Detect a practice in the time series of a batch of parcels: one result per parcel."""
+
+
+# Decision rules ------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cbm_rule_decide(
+    results: pd.DataFrame, parcels: gpd.GeoDataFrame, params: Mapping[str, Any]
+) -> list[Verdict]:
+    """Turn the marker results of each declared parcel into a green/yellow/red verdict."""
+
+
+@hookspec
+def cbm_rule_schemes() -> Mapping[str, Path]:
+    """Name scheme recipes (TOML files of markers and rule) that configs may refer to by name."""
+
+
+# Command line --------------------------------------------------------------------------------
+
+
+@hookspec
+def cbm_cli_commands(cli: click.Group) -> None:
+    """Add commands to the ``cbm`` command line."""

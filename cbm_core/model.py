@@ -1,0 +1,304 @@
+"""The objects that flow between plugins, and their validation at the boundaries.
+
+Tables are pandas/geopandas frames (what analysts already use); per-parcel results are small
+dataclasses so plugin authors get names, types and defaults instead of bare dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from enum import StrEnum
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+
+from cbm_core.errors import InputError
+
+STATS = ("count", "mean", "std", "min", "max", "p25", "p50", "p75")
+SIGNATURE_COLUMNS = ("pid", "obsid", "band", *STATS)
+SCL_CLASSES = 12
+HIST_COLUMNS = tuple(f"hist_{c}" for c in range(SCL_CLASSES))
+SCL_COLUMNS = ("pid", "obsid", *HIST_COLUMNS)
+PARCEL_COLUMNS = ("pid", "crop_code", "crop_name", "geometry")
+CATALOGUE_COLUMNS = ("obsid", "obstime", "sensor", "card", "orbit", "bands", "geometry")
+CARDS = ("s2", "bs", "c6")
+MARKER_RESULT_COLUMNS = (
+    "marker", "pid", "status", "reason", "events", "values", "confidence", "obsids",
+)  # fmt: skip
+VERDICT_COLUMNS = ("pid", "light", "reasons")
+
+
+class Status(StrEnum):
+    """Whether a marker could say something about a parcel."""
+
+    OK = "OK"
+    NOT_VALID = "NOT_VALID"  # ran, but the data cannot support a conclusion
+    NOT_EXECUTED = "NOT_EXECUTED"  # did not run on this parcel (plugin error, missing input)
+
+
+class Light(StrEnum):
+    """The traffic light of a parcel."""
+
+    GREEN = "green"  # declaration confirmed
+    YELLOW = "yellow"  # inconclusive: needs a human look
+    RED = "red"  # declaration rejected
+
+
+@dataclass(frozen=True)
+class BandRef:
+    """Where one band of a scene lives and how its values become physical units.
+
+    None means "as the file says" (the raster's own nodata, scale and offset tags).
+    """
+
+    uri: str
+    nodata: float | None = None
+    scale: float | None = None
+    offset: float | None = None
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One acquisition: a row of the catalogue."""
+
+    obsid: str
+    obstime: pd.Timestamp
+    sensor: str
+    card: str
+    bands: dict[str, BandRef]
+    orbit: str | None = None
+
+
+@dataclass(frozen=True)
+class RasterWindow:
+    """Pixels read from one band file, with the grid they sit on (rasterio conventions)."""
+
+    array: np.ndarray  # 2-D
+    transform: Any  # affine.Affine of the window
+    crs: str
+    nodata: float | None
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+@dataclass
+class Signatures:
+    """Per-parcel statistics of scenes: tidy stats rows plus the SCL class histograms."""
+
+    stats: pd.DataFrame  # SIGNATURE_COLUMNS
+    scl: pd.DataFrame  # SCL_COLUMNS
+
+    @classmethod
+    def empty(cls) -> Signatures:
+        return cls(empty_signatures(), empty_scl())
+
+    @classmethod
+    def concat(cls, parts: Iterable[Signatures]) -> Signatures:
+        parts = list(parts)
+        if not parts:
+            return cls.empty()
+        return cls(
+            pd.concat([p.stats for p in parts], ignore_index=True),
+            pd.concat([p.scl for p in parts], ignore_index=True),
+        )
+
+
+@dataclass
+class TimeSeries:
+    """What markers see: signatures joined with scene dates, plus the parcels they belong to."""
+
+    stats: pd.DataFrame  # SIGNATURE_COLUMNS + obstime, card, orbit; sorted by pid, obstime
+    scl: pd.DataFrame  # SCL_COLUMNS + obstime
+    parcels: gpd.GeoDataFrame
+
+    def subset(self, pids: Sequence[int]) -> TimeSeries:
+        """The same series restricted to some parcels (used to isolate a failing parcel)."""
+        keep = set(pids)
+        return TimeSeries(
+            self.stats[self.stats["pid"].isin(keep)],
+            self.scl[self.scl["pid"].isin(keep)],
+            self.parcels[self.parcels["pid"].isin(keep)],
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """A dated happening found by a marker (a cut, a ploughing...)."""
+
+    start: date
+    main: date
+    end: date
+    magnitude: float
+    confidence: float
+    obsids: tuple[str, ...] = ()
+    kind: str = ""
+
+
+@dataclass
+class MarkerResult:
+    """What one marker concluded about one parcel."""
+
+    marker: str
+    pid: int
+    status: Status
+    reason: str = ""
+    events: list[Event] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+    confidence: float | None = None
+    obsids: tuple[str, ...] = ()
+
+
+@dataclass
+class Verdict:
+    """The traffic light of one parcel with reasons a human can check."""
+
+    pid: int
+    light: Light
+    reasons: list[str]
+
+
+# Constructors and validation -----------------------------------------------------------------
+
+
+def empty_signatures() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in STATS})
+    frame.insert(0, "band", pd.Series(dtype="object"))
+    frame.insert(0, "obsid", pd.Series(dtype="object"))
+    frame.insert(0, "pid", pd.Series(dtype="int64"))
+    frame["count"] = frame["count"].astype("int64")
+    return frame
+
+
+def empty_scl() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype="int64") for c in HIST_COLUMNS})
+    frame.insert(0, "obsid", pd.Series(dtype="object"))
+    frame.insert(0, "pid", pd.Series(dtype="int64"))
+    return frame
+
+
+def require_columns(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    """Raise an InputError naming the missing columns of a table and where it came from."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"{what}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}"
+        )
+
+
+def validate_parcels(parcels: gpd.GeoDataFrame, what: str) -> gpd.GeoDataFrame:
+    """Check the parcel table: unique integer pids, a CRS, and usable geometries."""
+    require_columns(parcels, PARCEL_COLUMNS, what)
+    if parcels.crs is None:
+        raise InputError(f"{what}: the parcels have no CRS")
+    pid = parcels["pid"]
+    if not pd.api.types.is_integer_dtype(pid):
+        converted = pd.to_numeric(pid, errors="coerce")
+        bad = pid[converted.isna() | (converted % 1 != 0)]
+        if len(bad):
+            raise InputError(f"{what}: column pid must hold integers; bad value {bad.iloc[0]!r}")
+        parcels = parcels.assign(pid=converted.astype("int64"))
+    duplicated = parcels["pid"][parcels["pid"].duplicated()]
+    if len(duplicated):
+        raise InputError(f"{what}: column pid has duplicated value {int(duplicated.iloc[0])}")
+    return _checked_geometries(parcels)
+
+
+def _checked_geometries(parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Repair invalid polygons and note empty ones per parcel in an `issue` column.
+
+    A bad outline is the parcel's problem, not the run's: it stays in the table so that it
+    still gets a (yellow) verdict that says what is wrong with it.
+    """
+    geoms = parcels.geometry.values
+    missing = np.asarray(shapely.is_missing(geoms) | shapely.is_empty(geoms))
+    invalid = ~missing & ~np.asarray(shapely.is_valid(geoms))
+    issue = np.full(len(parcels), "", dtype=object)
+    issue[missing] = "empty geometry"
+    if invalid.any():
+        reasons = shapely.is_valid_reason(geoms[invalid])
+        issue[invalid] = [f"invalid geometry repaired ({r})" for r in reasons]
+        geoms = geoms.copy()
+        geoms[invalid] = [_polygonal(g) for g in shapely.make_valid(geoms[invalid])]
+    previous = parcels["issue"].fillna("").astype(str).to_numpy() if "issue" in parcels else None
+    if previous is not None:
+        issue = np.where(issue == "", previous, issue)
+    return parcels.assign(issue=issue).set_geometry(
+        gpd.GeoSeries(geoms, index=parcels.index, crs=parcels.crs)
+    )
+
+
+def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
+    """Keep the areal part of a repaired geometry (make_valid may add stray lines or points)."""
+    parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")]
+    return shapely.unary_union(parts) if parts else shapely.Polygon()
+
+
+def validate_signatures(stats: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Check a tidy signature table and bring it to the canonical dtypes."""
+    require_columns(stats, SIGNATURE_COLUMNS, what)
+    for column in STATS:
+        if not pd.api.types.is_numeric_dtype(stats[column]):
+            values = pd.to_numeric(stats[column], errors="coerce")
+            bad = stats[column][values.isna() & stats[column].notna()]
+            if len(bad):
+                raise InputError(f"{what}: column {column} must be numeric; bad value {bad.iloc[0]!r}")
+    out = stats.astype({"pid": "int64", "obsid": "str", "band": "str"})
+    return out.astype({c: "float64" for c in STATS if c != "count"} | {"count": "int64"})
+
+
+def results_frame(results: Iterable[MarkerResult]) -> pd.DataFrame:
+    """Marker results as a table; events and values as JSON text so any file format holds them."""
+    rows = [
+        {
+            "marker": r.marker,
+            "pid": int(r.pid),
+            "status": str(r.status),
+            "reason": r.reason,
+            "events": json.dumps([_jsonable(asdict(e)) for e in r.events]),
+            "values": json.dumps(_jsonable(r.values)),
+            "confidence": np.nan if r.confidence is None else float(r.confidence),
+            "obsids": json.dumps(list(r.obsids)),
+        }
+        for r in results
+    ]
+    return pd.DataFrame(rows, columns=list(MARKER_RESULT_COLUMNS)).astype({"pid": "int64"})
+
+
+def result_events(row: pd.Series) -> list[dict[str, Any]]:
+    """The events of one results_frame row, decoded."""
+    return json.loads(row["events"])
+
+
+def result_values(row: pd.Series) -> dict[str, Any]:
+    """The values of one results_frame row, decoded."""
+    return json.loads(row["values"])
+
+
+def verdicts_frame(verdicts: Iterable[Verdict], parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Verdicts joined to their parcels' declarations and geometry, reasons as one text."""
+    table = pd.DataFrame(
+        [{"pid": int(v.pid), "light": str(v.light), "reasons": "; ".join(v.reasons)} for v in verdicts],
+        columns=list(VERDICT_COLUMNS),
+    ).astype({"pid": "int64"})
+    declared = parcels[["pid", "crop_code", "crop_name", "geometry"]]
+    return gpd.GeoDataFrame(declared.merge(table, on="pid", how="inner"), crs=parcels.crs)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, date | pd.Timestamp):
+        return value.isoformat()[:10]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,420 @@
+"""The pipeline: parcels + scenes -> signatures -> marker results -> verdicts, by calling plugins.
+
+The Engine only orchestrates: it asks the plugin a configuration names to do each step, keeps
+one plugin's failure on one scene or parcel from spoiling the rest, and records what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cbm_core.config import (
+    PluginConfig,
+    RunConfig,
+    Scheme,
+    load_run_config,
+    marker_name,
+    parse_scheme,
+    read_toml,
+)
+from cbm_core.errors import CbmError, ConfigError, InputError
+from cbm_core.model import (
+    HIST_COLUMNS,
+    Light,
+    MarkerResult,
+    Scene,
+    Signatures,
+    Status,
+    TimeSeries,
+    Verdict,
+    results_frame,
+    validate_parcels,
+    validate_signatures,
+    verdicts_frame,
+)
+from cbm_core.plugins import PluginManager, load_plugins
+
+MARKER_BATCH = 20_000  # parcels per marker call: large enough to vectorise, small enough for memory
+
+
+@dataclass
+class ExtractReport:
+    """What an extraction pass did, scene by scene."""
+
+    extracted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already in the store
+    failed: dict[str, str] = field(default_factory=dict)  # obsid -> reason; retried next run
+    failed_parcels: list[dict[str, Any]] = field(default_factory=list)  # {obsid, pid, reason}
+    rows: int = 0
+
+
+@dataclass
+class RunResult:
+    """Everything `cbm run` produced, as analysts want it in a notebook."""
+
+    parcels: gpd.GeoDataFrame
+    catalogue: gpd.GeoDataFrame
+    series: TimeSeries
+    results: pd.DataFrame
+    verdicts: gpd.GeoDataFrame
+    summary: dict[str, Any]
+
+
+class Engine:
+    """Calls the plugins named in a configuration, step by step."""
+
+    def __init__(self, plugins: PluginManager | None = None, progress: bool | None = None) -> None:
+        self.plugins = plugins if plugins is not None else load_plugins()
+        self._progress_disabled = None if progress is None else not progress
+
+    # Sources -----------------------------------------------------------------------------------
+
+    def parcels(self, source: PluginConfig) -> gpd.GeoDataFrame:
+        """The declared parcels, validated (unique integer pids, CRS, repaired geometries)."""
+        frame = self.plugins.caller(source.plugin, "cbm_source_parcels", source.where)(config=source)
+        return validate_parcels(frame, f"parcels from {source.where} plugin '{source.plugin}'")
+
+    def catalogue(self, source: PluginConfig) -> gpd.GeoDataFrame:
+        """The scene catalogue: one row per scene, sorted by time."""
+        return self.plugins.caller(source.plugin, "cbm_source_catalogue", source.where)(config=source)
+
+    # Extraction --------------------------------------------------------------------------------
+
+    def extract(
+        self,
+        parcels: gpd.GeoDataFrame,
+        catalogue: gpd.GeoDataFrame,
+        jobs: Sequence[PluginConfig],
+        source: PluginConfig,
+        store: PluginConfig | None = None,
+        force: bool = False,
+    ) -> tuple[Signatures, ExtractReport]:
+        """Reduce every scene of the jobs' cards to signatures.
+
+        With a store, each scene is written as soon as it is done and scenes already stored are
+        skipped (unless force); the returned Signatures then hold only this pass's scenes.
+        """
+        report = ExtractReport()
+        read_window = _window_reader(
+            self.plugins.caller(source.plugin, "cbm_source_read_window", source.where), source
+        )
+        write = self.plugins.caller(store.plugin, "cbm_store_write", store.where) if store else None
+        done = set() if (store is None or force) else self._stored_obsids(store)
+        by_card = _jobs_by_card(jobs)
+        scenes = catalogue[catalogue["card"].isin(list(by_card))]
+        in_footprint = _parcels_in_footprints(parcels, scenes)
+        parts = []
+        for row in tqdm(scenes.itertuples(index=False), total=len(scenes), desc="extract", unit="scene",
+                        disable=self._progress_disabled):  # fmt: skip
+            scene = Scene(row.obsid, row.obstime, row.sensor, row.card, row.bands, row.orbit)
+            if scene.obsid in done:
+                report.skipped.append(scene.obsid)
+                continue
+            job = by_card[scene.card]
+            call = self.plugins.caller(job.plugin, "cbm_extractor_extract", job.where)
+            targets = parcels.iloc[in_footprint[scene.obsid]]
+            try:
+                failed_before = len(report.failed_parcels)
+                signatures = self._extract_scene(call, scene, targets, job, read_window, report)
+                failures = report.failed_parcels[failed_before:]
+                if len(targets) and len(failures) == len(targets):  # the scene, not its parcels, is at fault
+                    del report.failed_parcels[failed_before:]
+                    raise InputError(
+                        f"extractor '{job.plugin}' failed on every parcel: {failures[0]['reason']}"
+                    )
+                if write is not None:
+                    report.rows += write(config=store, signatures=signatures, obsids=[scene.obsid])
+                else:
+                    report.rows += len(signatures.stats) + len(signatures.scl)
+                    parts.append(signatures)
+            except CbmError as exc:
+                report.failed[scene.obsid] = str(exc)
+                continue
+            report.extracted.append(scene.obsid)
+        return Signatures.concat(parts), report
+
+    def _extract_scene(self, call, scene, parcels, job, read_window, report) -> Signatures:
+        """One scene; if the plugin crashes, bisect the parcels to isolate the ones it fails on."""
+        bands = list(job.require("bands"))
+        try:
+            out = call(scene=scene, parcels=parcels, bands=bands, read_window=read_window, config=job)
+        except CbmError:
+            raise
+        except Exception as exc:
+            if len(parcels) <= 1:
+                if len(parcels) == 1:
+                    report.failed_parcels.append(
+                        {"obsid": scene.obsid, "pid": int(parcels["pid"].iloc[0]), "reason": _describe(exc)}
+                    )
+                return Signatures.empty()
+            half = len(parcels) // 2
+            return Signatures.concat(
+                [self._extract_scene(call, scene, parcels.iloc[s], job, read_window, report)
+                 for s in (slice(0, half), slice(half, None))]
+            )  # fmt: skip
+        return Signatures(
+            validate_signatures(out.stats, f"extractor '{job.plugin}' on {scene.obsid}"), out.scl
+        )
+
+    def _stored_obsids(self, store: PluginConfig) -> set[str]:
+        return set(self.plugins.caller(store.plugin, "cbm_store_obsids", store.where)(config=store))
+
+    def read_store(
+        self,
+        store: PluginConfig,
+        pids: Sequence[int] | None = None,
+        obsids: Sequence[str] | None = None,
+        bands: Sequence[str] | None = None,
+    ) -> Signatures:
+        """Signatures from a store, filtered by parcel, scene and band."""
+        call = self.plugins.caller(store.plugin, "cbm_store_read", store.where)
+        return call(config=store, pids=pids, obsids=obsids, bands=bands)
+
+    # Markers and rules -------------------------------------------------------------------------
+
+    def run_markers(self, series: TimeSeries, scheme: Scheme) -> pd.DataFrame:
+        """Every marker of the scheme over every parcel: exactly one result per marker and parcel."""
+        results: list[MarkerResult] = []
+        for config in scheme.markers:
+            call = self.plugins.caller(config.plugin, "cbm_marker_run", config.where)
+            name = marker_name(config)
+            batches = list(_pid_batches(series, MARKER_BATCH))
+            for batch in tqdm(batches, desc=f"marker {name}", unit="batch", disable=self._progress_disabled):
+                results.extend(_run_isolated(call, name, batch, config.params))
+        return results_frame(results)
+
+    def decide(self, results: pd.DataFrame, parcels: gpd.GeoDataFrame, scheme: Scheme) -> gpd.GeoDataFrame:
+        """One verdict per parcel; a rule failing on a parcel leaves that parcel yellow with the error."""
+        rule = scheme.rule
+        call = self.plugins.caller(rule.plugin, "cbm_rule_decide", rule.where)
+        try:
+            verdicts = list(call(results=results, parcels=parcels, params=rule.params))
+        except CbmError:
+            raise
+        except Exception:
+            verdicts = []
+            for pid in parcels["pid"].to_numpy():
+                one = parcels[parcels["pid"] == pid]
+                try:
+                    verdicts.extend(
+                        call(results=results[results["pid"] == pid], parcels=one, params=rule.params)
+                    )
+                except Exception as exc:
+                    verdicts.append(
+                        Verdict(int(pid), Light.YELLOW, [f"rule {rule.plugin} failed: {_describe(exc)}"])
+                    )
+        decided = {v.pid for v in verdicts}
+        missing = [int(p) for p in parcels["pid"] if int(p) not in decided]
+        verdicts.extend(Verdict(p, Light.YELLOW, [f"rule {rule.plugin} gave no verdict"]) for p in missing)
+        return verdicts_frame(verdicts, parcels)
+
+    def scheme(self, ref: str, base_dir: Path) -> Scheme:
+        """A scheme from a recipe name (shipped by a plugin) or a TOML file path."""
+        recipes: dict[str, Path] = {}
+        for found in self.plugins.hook.cbm_rule_schemes():
+            recipes.update(found)
+        path = recipes.get(ref)
+        if path is None:
+            path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
+            if not path.is_file():
+                raise ConfigError(
+                    f"scheme '{ref}' is neither a recipe ({', '.join(sorted(recipes)) or 'none installed'}) "
+                    f"nor a file ({path})"
+                )
+        return parse_scheme(read_toml(path, "scheme"), path.parent, str(path))
+
+    # The whole run -----------------------------------------------------------------------------
+
+    def check(self, config: RunConfig, scheme: Scheme) -> None:
+        """Fail fast, before any work, when a configured plugin is missing or of the wrong kind."""
+        self.plugins.caller(config.source.plugin, "cbm_source_parcels", config.source.where)
+        self.plugins.caller(config.store.plugin, "cbm_store_write", config.store.where)
+        for job in config.extract:
+            self.plugins.caller(job.plugin, "cbm_extractor_extract", job.where)
+        for marker in scheme.markers:
+            self.plugins.caller(marker.plugin, "cbm_marker_run", marker.where)
+        self.plugins.caller(scheme.rule.plugin, "cbm_rule_decide", scheme.rule.where)
+
+    def run(self, config: RunConfig, force: bool = False) -> RunResult:
+        """`cbm run`: extract what is missing, score every parcel, write verdicts and a summary."""
+        started = time.perf_counter()
+        scheme = config.scheme or self.scheme(str(config.scheme_ref), config.base_dir)
+        self.check(config, scheme)
+        parcels = self.parcels(config.source)
+        catalogue = self.catalogue(config.source)
+        _, report = self.extract(parcels, catalogue, config.extract, config.source, config.store, force=force)
+        stored = self.read_store(config.store, pids=None)
+        series = time_series(stored, catalogue, parcels)
+        results = self.run_markers(series, scheme)
+        verdicts = self.decide(results, parcels, scheme)
+        summary = _summary(
+            config, scheme, parcels, catalogue, report, results, verdicts, started, self.plugins
+        )
+        write_outputs(config.out_dir, verdicts, results, summary)
+        return RunResult(parcels, catalogue, series, results, verdicts, summary)
+
+
+def run(config_path: str | os.PathLike[str], force: bool = False, progress: bool | None = None) -> RunResult:
+    """Run a configuration file end to end (the Python twin of `cbm run`)."""
+    return Engine(progress=progress).run(load_run_config(Path(config_path)), force=force)
+
+
+def time_series(signatures: Signatures, catalogue: pd.DataFrame, parcels: gpd.GeoDataFrame) -> TimeSeries:
+    """Join signatures with their scenes' dates, cards and orbits, sorted by parcel and time."""
+    scenes = catalogue[["obsid", "obstime", "card", "orbit"]]
+    stats = signatures.stats.merge(scenes, on="obsid", how="inner")
+    scl = signatures.scl.merge(scenes[["obsid", "obstime"]], on="obsid", how="inner")
+    known = parcels["pid"]
+    stats = stats[stats["pid"].isin(known)].sort_values(["pid", "obstime", "band"], ignore_index=True)
+    scl = scl[scl["pid"].isin(known)].sort_values(["pid", "obstime"], ignore_index=True)
+    return TimeSeries(stats, scl, parcels.sort_values("pid", ignore_index=True))
+
+
+def signatures_table(signatures: Signatures, catalogue: pd.DataFrame) -> pd.DataFrame:
+    """Signatures as one tidy table (the format `cbm score` reads): stats rows with dates, card
+    and the SCL histogram of their observation."""
+    series_scenes = catalogue[["obsid", "obstime", "card"]]
+    table = signatures.stats.merge(series_scenes, on="obsid", how="left")
+    table = table.merge(signatures.scl, on=["pid", "obsid"], how="left")
+    columns = ["pid", "obsid", "obstime", "card", "band", *table.columns.difference(
+        ["pid", "obsid", "obstime", "card", "band", *HIST_COLUMNS], sort=False), *HIST_COLUMNS]  # fmt: skip
+    return table[columns].sort_values(["pid", "obstime", "band"], ignore_index=True)
+
+
+def write_outputs(out_dir: Path, verdicts: gpd.GeoDataFrame, results: pd.DataFrame, summary: dict) -> None:
+    """Write verdicts (GeoPackage, CSV), marker results (Parquet) and the run summary (JSON).
+
+    Each file is written beside its target and renamed over it, so a re-run replaces whole files
+    and a crash leaves the previous outputs intact.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(verdicts.drop(columns="geometry"))
+    _atomic(out_dir / "verdicts.gpkg", lambda p: verdicts.to_file(p, layer="verdicts", driver="GPKG"))
+    _atomic(out_dir / "verdicts.csv", lambda p: table.to_csv(p, index=False))
+    _atomic(out_dir / "markers.parquet", lambda p: results.to_parquet(p, index=False))
+    _atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2, default=str)))
+
+
+def _atomic(target: Path, write) -> None:
+    temporary = target.with_name(f".{uuid.uuid4().hex}{target.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    except OSError as exc:
+        raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _run_isolated(call, name: str, batch: TimeSeries, params: dict[str, Any]) -> list[MarkerResult]:
+    """Run a marker on a batch; if it raises, run it parcel by parcel so only the culprits fail."""
+    pids = batch.parcels["pid"].to_numpy()
+    try:
+        out = list(call(series=batch, params=params))
+    except Exception:
+        out = []
+        for pid in pids:
+            try:
+                out.extend(call(series=batch.subset([pid]), params=params))
+            except Exception as exc:
+                out.append(MarkerResult(name, int(pid), Status.NOT_EXECUTED, reason=_describe(exc)))
+    by_pid = {}
+    for result in out:
+        result.marker = name
+        by_pid.setdefault(int(result.pid), result)
+    return [
+        by_pid.get(int(pid))
+        or MarkerResult(name, int(pid), Status.NOT_EXECUTED, reason="marker returned no result")
+        for pid in pids
+    ]
+
+
+def _pid_batches(series: TimeSeries, size: int) -> Iterator[TimeSeries]:
+    """Contiguous slices of pid-sorted tables: no per-batch scan of the whole series."""
+    pids = series.parcels["pid"].to_numpy()
+    stat_pids = series.stats["pid"].to_numpy()
+    scl_pids = series.scl["pid"].to_numpy()
+    for start in range(0, len(pids), size):
+        chunk = pids[start : start + size]
+        lo, hi = chunk[0], chunk[-1]
+        s = slice(np.searchsorted(stat_pids, lo, "left"), np.searchsorted(stat_pids, hi, "right"))
+        c = slice(np.searchsorted(scl_pids, lo, "left"), np.searchsorted(scl_pids, hi, "right"))
+        yield TimeSeries(series.stats.iloc[s], series.scl.iloc[c], series.parcels.iloc[start : start + size])
+
+
+def _window_reader(call, source: PluginConfig):
+    """The source's read_window hook as a plain function of (band, bounds, crs) for extractors."""
+
+    def read_window(band, bounds, crs):
+        return call(config=source, band=band, bounds=bounds, crs=crs)
+
+    return read_window
+
+
+def _jobs_by_card(jobs: Sequence[PluginConfig]) -> dict[str, PluginConfig]:
+    by_card: dict[str, PluginConfig] = {}
+    for job in jobs:
+        card = job.require("card")
+        if card in by_card:
+            raise ConfigError(f"{job.where}: card '{card}' is already extracted by {by_card[card].where}")
+        by_card[card] = job
+    return by_card
+
+
+def _parcels_in_footprints(parcels: gpd.GeoDataFrame, scenes: gpd.GeoDataFrame) -> dict[str, np.ndarray]:
+    """Positions of the parcels each scene's footprint touches (all parcels if no footprint)."""
+    everything = np.arange(len(parcels))
+    if scenes.empty or scenes.geometry.isna().all():
+        return {o: everything for o in scenes["obsid"]}
+    located = parcels.geometry.to_crs(scenes.crs) if parcels.crs != scenes.crs else parcels.geometry
+    tree = located.sindex
+    found = {}
+    for obsid, footprint in zip(scenes["obsid"], scenes.geometry, strict=True):
+        found[obsid] = (
+            everything if footprint is None else np.sort(tree.query(footprint, predicate="intersects"))
+        )
+    return found
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _summary(
+    config, scheme, parcels, catalogue, report, results, verdicts, started, plugins
+) -> dict[str, Any]:
+    used = {config.source.plugin, config.store.plugin, scheme.rule.plugin}
+    used |= {j.plugin for j in config.extract} | {m.plugin for m in scheme.markers}
+    status = results.groupby(["marker", "status"]).size()
+    return {
+        "config": str(config.path),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 3),
+        "parcels": len(parcels),
+        "parcel_issues": {int(p): i for p, i in zip(parcels["pid"], parcels["issue"], strict=True) if i},
+        "scenes": {
+            "catalogue": len(catalogue),
+            "extracted": len(report.extracted),
+            "skipped_already_stored": len(report.skipped),
+            "failed": report.failed,
+            "failed_parcels": report.failed_parcels,
+            "rows_written": report.rows,
+        },
+        "markers": {m: {s: int(n) for (mm, s), n in status.items() if mm == m} for m in scheme.marker_names},
+        "verdicts": {str(light): int((verdicts["light"] == str(light)).sum()) for light in Light},
+        "plugins": {n: plugins.infos[n].version for n in sorted(used) if n in plugins.infos},
+        "outputs": ["verdicts.gpkg", "verdicts.csv", "markers.parquet", "summary.json"],
+    }

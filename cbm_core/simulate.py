@@ -1,0 +1,388 @@
+"""Scenario generator: realistic S2/S1 parcel time series with known mowing and ploughing events.
+
+Tests and benchmarks need ground truth that real data rarely has. Each simulated parcel-year has a
+crop phenology (grassland with 0-4 cuts, winter wheat harvested then ploughed, maize ploughed in
+spring then sown), reflectances derived from the canopy state, clouds labelled in SCL histograms
+(plus a share of hazy observations that SCL misses, as in real L2A), S1 backscatter with speckle,
+6-day coherence that rises after a cut and collapses across a ploughing, and revisit gaps.
+All arrays are generated at once for the whole batch (no per-parcel Python loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+
+from cbm_core.model import HIST_COLUMNS, SCL_CLASSES, STATS, TimeSeries
+
+S2_BANDS = ("B02", "B03", "B04", "B08", "B11")
+S1_BANDS = ("VV", "VH")
+CROPS = {  # crop_name -> (crop_code, default share)
+    "grassland": (1, 0.5),
+    "winter_wheat": (2, 0.2),
+    "maize": (3, 0.2),
+    "rapeseed": (4, 0.1),
+}
+ORBITS = ("ASC", "DESC")
+
+
+@dataclass
+class Scenario:
+    """A simulated batch: the series markers see and what really happened."""
+
+    series: TimeSeries
+    truth: pd.DataFrame  # pid, kind ("mowing" / "ploughing"), date (datetime.date)
+    actual_crop: pd.Series  # by pid: what grows (differs from the declared crop_name when swapped)
+
+
+def simulate(
+    n_parcels: int,
+    year: int = 2023,
+    seed: int = 0,
+    crops: dict[str, float] | None = None,
+    pid_start: int = 1,
+    s2_revisit: int = 5,
+    s1_revisit: int = 6,
+    cloudiness: float = 0.45,
+    haze_rate: float = 0.03,
+    s1_missing: float = 0.05,
+    swap_rate: float = 0.0,
+    s2_bands: tuple[str, ...] = S2_BANDS,
+    s1_cards: tuple[str, ...] = ("bs", "c6"),
+    categorical: bool = True,
+) -> Scenario:
+    """Simulate ``n_parcels`` parcel-years; ``swap_rate`` of them declare a crop they do not grow.
+
+    ``cloudiness`` is the mean share of cloudy S2 scenes, ``haze_rate`` the share of observations
+    whose thin haze SCL misses, ``s1_missing`` the share of S1 acquisitions that are absent.
+    Columns with few distinct labels are categorical when ``categorical`` (cheap and fast).
+    """
+    rng = np.random.default_rng(seed)
+    n = int(n_parcels)
+    pids = np.arange(pid_start, pid_start + n, dtype=np.int64)
+    shares = crops or {k: v[1] for k, v in CROPS.items()}
+    names = list(shares)
+    p = np.array([shares[k] for k in names], dtype=float)
+    crop = rng.choice(len(names), size=n, p=p / p.sum())
+    actual = np.array(names, dtype=object)[crop]
+    declared = actual.copy()
+    swapped = rng.random(n) < swap_rate
+    for i in np.flatnonzero(swapped):
+        declared[i] = rng.choice([c for c in names if c != actual[i]] or names)
+    y0 = pd.Timestamp(f"{year}-01-01", tz="UTC")
+    day0 = (y0 - pd.Timestamp("1970-01-01", tz="UTC")).days
+
+    # Canopy state on a daily grid, then sampled at acquisition dates ---------------------------
+    doy = np.arange(0, 366, dtype=float)
+    ndvi, soil, rough, truth = _phenology(rng, actual, doy)
+
+    # Sentinel-2 ----------------------------------------------------------------------------------
+    s2_days = np.arange(2 + rng.integers(0, s2_revisit), 365, s2_revisit)
+    scene_cloud = _scene_clouds(rng, s2_days, cloudiness)
+    d2 = len(s2_days)
+    v = ndvi[:, s2_days]
+    s = soil[:, s2_days]
+    surf = _reflectance(rng, v, s)
+    npx = rng.integers(20, 400, size=n)[:, None] * np.ones((1, d2), dtype=np.int64)
+    cloudy_frac = np.where(
+        rng.random((n, d2)) < scene_cloud[None, :],
+        rng.uniform(0.3, 1.0, (n, d2)),
+        np.where(rng.random((n, d2)) < 0.1, rng.uniform(0.0, 0.04, (n, d2)), 0.0),
+    )
+    haze = (cloudy_frac == 0) & (rng.random((n, d2)) < haze_rate)
+    haze_frac = np.where(haze, rng.uniform(0.15, 0.5, (n, d2)), 0.0)
+    mix = np.clip(cloudy_frac + haze_frac, 0, 1)
+    cloud_refl = {"B02": 0.45, "B03": 0.45, "B04": 0.46, "B08": 0.5, "B11": 0.35}
+    s2_vals = {b: (1 - mix) * surf[b] + mix * cloud_refl[b] * rng.uniform(0.8, 1.1, (n, d2)) for b in surf}
+    hist = np.zeros((n, d2, SCL_CLASSES), dtype=np.int64)
+    n_cloud = np.rint(cloudy_frac * npx).astype(np.int64)
+    n_clear = npx - n_cloud
+    veg = v > 0.35
+    hist[..., 4] = np.where(veg, n_clear, 0)
+    hist[..., 5] = np.where(veg, 0, n_clear)
+    hist[..., 9] = n_cloud // 2
+    hist[..., 8] = n_cloud - n_cloud // 2 - n_cloud // 5
+    hist[..., 3] = n_cloud // 5
+
+    frames = [
+        _tidy(
+            pids, s2_days + day0, "s2", None, {b: s2_vals[b] for b in s2_bands}, npx, rng, lambda d: f"S2_{d}"
+        )
+    ]
+
+    # Sentinel-1: two orbits, backscatter and 6-day coherence ------------------------------------
+    for k, orbit in enumerate(ORBITS):
+        days = np.arange(1 + 3 * k + rng.integers(0, 3), 365, s1_revisit)
+        present = rng.random(len(days)) >= s1_missing
+        acq = days[present]
+        if "bs" in s1_cards:
+            vv, vh = _backscatter(rng, ndvi[:, acq], soil[:, acq], rough[:, acq], k)
+            frames.append(
+                _tidy(
+                    pids,
+                    acq + day0,
+                    "bs",
+                    orbit,
+                    {"VV": vv, "VH": vh},
+                    npx[:, :1],
+                    rng,
+                    _s1_name(orbit, "bs"),
+                )
+            )
+        if "c6" in s1_cards:
+            pair_ok = np.flatnonzero(present[1:] & present[:-1]) + 1
+            ends = days[pair_ok]
+            starts = days[pair_ok - 1]
+            coh_vv = _coherence(rng, ndvi, soil, truth, starts, ends, k, n)
+            coh_vh = np.clip(coh_vv * 0.8 + rng.normal(0, 0.02, coh_vv.shape), 0, 1)
+            frames.append(
+                _tidy(pids, ends + day0, "c6", orbit, {"VV": coh_vv, "VH": coh_vh}, npx[:, :1], rng,
+                      _s1_name(orbit, "c6"))
+            )  # fmt: skip
+
+    stats = pd.concat(frames, ignore_index=True)
+    order = np.lexsort((stats["obstime_day"].to_numpy(), stats["pid"].to_numpy()))
+    stats = stats.iloc[order].reset_index(drop=True).drop(columns="obstime_day")
+    scl = pd.DataFrame(
+        {
+            "pid": np.repeat(pids, d2),
+            "obsid": np.tile([f"S2_{d + day0}" for d in s2_days], n),
+        }
+    )
+    for c, col in enumerate(HIST_COLUMNS):
+        scl[col] = hist[..., c].ravel()
+    scl["obstime"] = pd.to_datetime(np.tile(s2_days + day0, n).astype("int64") * 86_400_000_000_000, utc=True)
+    if categorical:
+        for frame in (stats, scl):
+            for col in ("obsid", "band", "card", "orbit"):
+                if col in frame.columns:
+                    frame[col] = frame[col].astype("category")
+    parcels = _parcels(rng, pids, declared)
+    truth["pid"] = pids[truth.pop("row").to_numpy()]
+    truth["date"] = [(y0 + pd.Timedelta(days=float(d))).date() for d in truth.pop("doy")]
+    truth = truth[["pid", "kind", "date"]].sort_values(["pid", "date"]).reset_index(drop=True)
+    return Scenario(TimeSeries(stats, scl, parcels), truth, pd.Series(actual, index=pids, name="actual_crop"))
+
+
+def _s1_name(orbit: str, card: str):
+    return lambda d: f"S1_{orbit}_{d}_{card}"
+
+
+def _phenology(
+    rng: np.random.Generator, actual: np.ndarray, doy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+    """Daily NDVI, soil state (0 vegetated, 1 stubble/residue, 2 freshly tilled) and roughness."""
+    n = len(actual)
+    t = doy[None, :]
+    ndvi = np.zeros((n, len(doy)))
+    soil = np.zeros((n, len(doy)))
+    rough = np.zeros((n, len(doy)))
+    truth_rows: list[np.ndarray] = []
+    truth_kind: list[str] = []
+    truth_doy: list[np.ndarray] = []
+
+    def sig(x: np.ndarray) -> np.ndarray:
+        return 1 / (1 + np.exp(-x))
+
+    # Grassland: green-up, autumn decline, slow wiggles, an occasional drought dip, 0-4 cuts.
+    g = np.flatnonzero(actual == "grassland")
+    if len(g):
+        shift = rng.normal(0, 8, (len(g), 1))
+        base = 0.32 + 0.5 * sig((t - 85 - shift) / 12) - 0.22 * sig((t - 305 - shift) / 15)
+        base += 0.025 * np.sin(
+            2 * np.pi * t / rng.uniform(40, 90, (len(g), 1)) + rng.uniform(0, 6, (len(g), 1))
+        )
+        dry = rng.random((len(g), 1)) < 0.2
+        base -= (
+            dry
+            * rng.uniform(0.05, 0.12, (len(g), 1))
+            * np.exp(-0.5 * ((t - rng.uniform(180, 230, (len(g), 1))) / 15) ** 2)
+        )
+        n_cuts = rng.choice(5, size=len(g), p=[0.1, 0.2, 0.3, 0.3, 0.1])
+        cut = np.full((len(g), 4), np.nan)
+        first = rng.uniform(115, 160, len(g))
+        for k in range(4):
+            gap = rng.uniform(30, 60, len(g))
+            day = first if k == 0 else cut[:, k - 1] + gap
+            ok = (k < n_cuts) & (day <= 290)
+            cut[:, k] = np.where(ok, day, np.nan)
+        drop = rng.uniform(0.15, 0.4, (len(g), 4))
+        tau = rng.uniform(8, 14, (len(g), 4))
+        series = base.copy()
+        for k in range(4):
+            m = cut[:, k : k + 1]
+            after = np.nan_to_num(t - m, nan=-1.0)
+            series -= np.where(after >= 0, drop[:, k : k + 1] * np.exp(-after / tau[:, k : k + 1]), 0.0)
+        ndvi[g] = series
+        rows, ks = np.nonzero(np.isfinite(cut))
+        truth_rows.append(g[rows])
+        truth_kind += ["mowing"] * len(rows)
+        truth_doy.append(cut[rows, ks])
+
+    # Winter crops: green-up, senescence, harvest (stubble), ploughing (bare), new crop emerges.
+    for name, peak, senesce, harvest in (("winter_wheat", 130, 175, 200), ("rapeseed", 110, 160, 190)):
+        w = np.flatnonzero(actual == name)
+        if not len(w):
+            continue
+        sh = rng.normal(0, 6, (len(w), 1))
+        hv = harvest + sh
+        plough = hv + rng.uniform(20, 80, (len(w), 1))
+        sow = plough + rng.uniform(10, 25, (len(w), 1))
+        grow = 0.3 + 0.55 * sig((t - (peak - 40) - sh) / 10) - 0.35 * sig((t - senesce - sh) / 7)
+        series = np.where(t < hv, grow, 0.22)
+        series = np.where(t >= plough, 0.12, series)
+        series = np.where(t >= sow, 0.12 + 0.25 * sig((t - sow - 25) / 8), series)
+        state = np.where((t >= hv) & (t < plough), 1, np.where((t >= plough) & (t < sow + 30), 2, 0))
+        ndvi[w], soil[w] = series, state
+        rough[w] = np.where((t >= plough) & (t < sow + 60), 1.0, 0.0)
+        truth_rows.append(w)
+        truth_kind += ["ploughing"] * len(w)
+        truth_doy.append(plough[:, 0])
+
+    # Maize: residue over winter, spring ploughing, sowing, summer peak, autumn harvest.
+    mz = np.flatnonzero(actual == "maize")
+    if len(mz):
+        sh = rng.normal(0, 6, (len(mz), 1))
+        plough = rng.uniform(85, 120, (len(mz), 1))
+        sow = plough + rng.uniform(10, 25, (len(mz), 1))
+        hv = 275 + sh
+        grow = 0.12 + 0.72 * sig((t - sow - 45) / 9) - 0.3 * sig((t - 250 - sh) / 7)
+        series = np.where(t < plough, 0.24, np.where(t < hv, grow, 0.22))
+        state = np.where(t < plough, 1, np.where(t < sow + 35, 2, np.where(t >= hv, 1, 0)))
+        ndvi[mz], soil[mz] = series, state
+        rough[mz] = np.where((t >= plough) & (t < sow + 50), 1.0, 0.0)
+        truth_rows.append(mz)
+        truth_kind += ["ploughing"] * len(mz)
+        truth_doy.append(plough[:, 0])
+
+    truth = pd.DataFrame(
+        {
+            "row": np.concatenate(truth_rows) if truth_rows else np.zeros(0, np.int64),
+            "kind": truth_kind,
+            "doy": np.concatenate(truth_doy) if truth_doy else np.zeros(0),
+        }
+    )
+    return np.clip(ndvi, 0.03, 0.95), soil, rough, truth
+
+
+def _scene_clouds(rng: np.random.Generator, days: np.ndarray, cloudiness: float) -> np.ndarray:
+    """Per-scene share of cloudy parcels: a two-state weather chain, cloudier in winter."""
+    season = 1 + 0.35 * np.cos(2 * np.pi * days / 365)
+    out = np.zeros(len(days))
+    wet = rng.random() < cloudiness
+    for i in range(len(days)):
+        stay = 0.6
+        p_wet = np.clip(cloudiness * season[i], 0.05, 0.95)
+        wet = (rng.random() < stay) if wet else (rng.random() < p_wet * (1 - stay) / (1 - p_wet + 1e-9))
+        wet = bool(wet) or rng.random() < 0.05
+        out[i] = rng.uniform(0.7, 1.0) if wet else rng.uniform(0.0, 0.15)
+    return out
+
+
+def _reflectance(rng: np.random.Generator, ndvi: np.ndarray, soil: np.ndarray) -> dict[str, np.ndarray]:
+    """Surface reflectance consistent with the NDVI, brighter in SWIR over residue and bare soil."""
+    noise = lambda: rng.normal(1, 0.03, ndvi.shape)  # noqa: E731
+    b08 = (0.16 + 0.33 * ndvi) * noise()
+    b04 = b08 * (1 - ndvi) / (1 + ndvi) * noise()
+    residue = soil == 1
+    tilled = soil == 2
+    b02 = (0.55 * b04 + 0.012 + 0.03 * residue - 0.005 * tilled) * noise()
+    b03 = (0.75 * b04 + 0.03 * ndvi + 0.02) * noise()
+    b11 = (0.29 - 0.13 * ndvi + 0.03 * residue + 0.06 * tilled) * noise()
+    return {"B02": b02, "B03": b03, "B04": b04, "B08": b08, "B11": b11}
+
+
+def _backscatter(
+    rng: np.random.Generator, ndvi: np.ndarray, soil: np.ndarray, rough: np.ndarray, orbit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linear gamma0 VV/VH: volume scattering grows with the canopy, roughness brightens VV."""
+    vv_db = -14 + 4 * ndvi + 2.5 * rough - 0.7 * orbit
+    vh_db = -22 + 7 * ndvi + 1.5 * rough - 0.7 * orbit
+    speckle = lambda: rng.gamma(40, 1 / 40, ndvi.shape)  # noqa: E731  (parcel-mean multilook)
+    return 10 ** (vv_db / 10) * speckle(), 10 ** (vh_db / 10) * speckle()
+
+
+def _coherence(
+    rng: np.random.Generator,
+    ndvi: np.ndarray,
+    soil: np.ndarray,
+    truth: pd.DataFrame,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    orbit: int,
+    n: int,
+) -> np.ndarray:
+    """6-day VV coherence: low over growing canopy, high over bare/cut fields, lost across a change."""
+    v = 0.5 * (ndvi[:, starts] + ndvi[:, ends])
+    coh = 0.62 - 0.5 * v + 0.03 * orbit
+    coh += 0.08 * (soil[:, ends] == 1)
+    events = truth.to_numpy()
+    rows = events[:, 0].astype(np.int64)
+    day = events[:, 2].astype(float)
+    is_cut = events[:, 1] == "mowing"
+    for row, d, cut in zip(rows, day, is_cut, strict=True):
+        if cut:
+            after = starts - d
+            lift = rng.uniform(0.18, 0.3) * np.exp(-np.maximum(after, 0) / rng.uniform(7, 11))
+            coh[row] += np.where(after >= 0, lift, 0.0)
+        spans = (starts < d) & (ends >= d)
+        coh[row] = np.where(spans, np.minimum(coh[row], 0.18), coh[row])
+    rain = rng.random(ends.shape) < 0.08  # wet scenes decorrelate everything
+    coh = np.where(rain[None, :], coh * 0.6, coh)
+    return np.clip(coh + rng.normal(0, 0.04, coh.shape), 0.02, 0.98)
+
+
+def _tidy(
+    pids: np.ndarray,
+    days: np.ndarray,
+    card: str,
+    orbit: str | None,
+    bands: dict[str, np.ndarray],
+    npx: np.ndarray,
+    rng: np.random.Generator,
+    name,
+) -> pd.DataFrame:
+    """Per-parcel statistics rows (pid, obsid, band, stats..., obstime, card, orbit) for one card."""
+    n, d = len(pids), len(days)
+    b = len(bands)
+    mean = np.stack([bands[k] for k in bands], axis=2)  # (n, d, b)
+    std = np.abs(mean) * rng.uniform(0.05, 0.2, (n, 1, 1))
+    out = pd.DataFrame(
+        {
+            "pid": np.repeat(pids, d * b),
+            "obsid": np.tile(np.repeat(np.array([name(x) for x in days], dtype=object), b), n),
+            "band": np.tile(np.array(list(bands), dtype=object), n * d),
+        }
+    )
+    flat_mean = mean.ravel()
+    flat_std = std.ravel()
+    count = np.broadcast_to(npx[:, :1, None] * (4 if card == "s2" else 1), (n, d, b)).ravel()
+    out["count"] = count.astype(np.int64)
+    out["mean"] = flat_mean
+    out["std"] = flat_std
+    for col, z in zip(STATS[3:], (-2.0, 2.0, -0.674, 0.0, 0.674), strict=True):
+        out[col] = flat_mean + z * flat_std
+    day_arr = np.tile(np.repeat(days, b), n)
+    out["obstime"] = pd.to_datetime(day_arr.astype("int64") * 86_400_000_000_000, utc=True)
+    out["card"] = card
+    out["orbit"] = orbit
+    out["obstime_day"] = day_arr
+    return out
+
+
+def _parcels(rng: np.random.Generator, pids: np.ndarray, declared: np.ndarray) -> gpd.GeoDataFrame:
+    """Square parcels of 0.5-5 ha on a jittered grid (EPSG:3035), declared crop names and codes."""
+    n = len(pids)
+    side = np.sqrt(rng.uniform(5_000, 50_000, n))
+    cols = int(np.ceil(np.sqrt(n)))
+    x = 4_000_000 + (np.arange(n) % cols) * 300.0
+    y = 2_800_000 + (np.arange(n) // cols) * 300.0
+    geom = shapely.box(x, y, x + side, y + side)
+    codes = np.array([CROPS.get(c, (0, 0))[0] for c in declared], dtype=np.int64)
+    return gpd.GeoDataFrame(
+        {"pid": pids, "crop_code": codes, "crop_name": declared}, geometry=geom, crs="EPSG:3035"
+    )
