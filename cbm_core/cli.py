@@ -87,8 +87,15 @@ def run(config: Path, force: bool, quiet: bool) -> None:
 @click.option("--extractor", default="zonal", show_default=True, help="Extractor plugin.")
 @click.option("--pid-column", default="pid", show_default=True, help="Parcel id column.")
 @click.option("--source", default="local", show_default=True, help="Source plugin reading the files.")
-def extract(parcels_path: Path, scenes_path: Path, out: Path, band_specs: tuple[str, ...], extractor: str,
-            pid_column: str, source: str) -> None:  # fmt: skip
+def extract(
+    parcels_path: Path,
+    scenes_path: Path,
+    out: Path,
+    band_specs: tuple[str, ...],
+    extractor: str,
+    pid_column: str,
+    source: str,
+) -> None:
     """Reduce scenes to per-parcel signatures, written as one tidy Parquet file.
 
     The file has one row per parcel, scene and band (count, mean, std, min, max, p25, p50, p75 in
@@ -97,12 +104,17 @@ def extract(parcels_path: Path, scenes_path: Path, out: Path, band_specs: tuple[
     """
     from cbm_core.pipeline import Engine, signatures_table
 
+    requested = _parse_bands(band_specs)
     engine = Engine(plugins=_plugins())
-    config = PluginConfig(source, {"parcels": str(parcels_path), "scenes": str(scenes_path),
-                                   "pid_column": pid_column}, Path.cwd(), "--parcels/--scenes")  # fmt: skip
+    config = PluginConfig(
+        source,
+        {"parcels": str(parcels_path), "scenes": str(scenes_path), "pid_column": pid_column},
+        Path.cwd(),
+        "--parcels/--scenes",
+    )
     parcels = engine.parcels(config)
     catalogue = engine.catalogue(config)
-    bands = _parse_bands(band_specs) or {
+    bands = requested or {
         card: sorted({b for bands in group["bands"] for b in bands})
         for card, group in catalogue.groupby("card")
     }
@@ -130,8 +142,10 @@ def plugins(as_json: bool) -> None:
         return
     width = max((len(i["name"]) for i in infos), default=4)
     for info in infos:
-        click.echo(f"{info['name']:<{width}}  {info['kind']:<10} {info['version']:<10} {info['origin']:<12} "
-                   f"{info['description']}")  # fmt: skip
+        click.echo(
+            f"{info['name']:<{width}}  {info['kind']:<10} {info['version']:<10} {info['origin']:<12} "
+            f"{info['description']}"
+        )
         click.echo(f"{'':<{width}}  hooks: {', '.join(info['hooks'])}")
     for item in refused:
         click.echo(f"{item['name']:<{width}}  not loaded: {item['reason']}")

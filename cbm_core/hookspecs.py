@@ -87,6 +87,11 @@ def cbm_store_obsids(config: PluginConfig) -> set[str]:
     """Return the scenes whose signatures are completely stored, so re-runs skip them."""
 
 
+@hookspec(firstresult=True)
+def cbm_store_claim(config: PluginConfig, obsids: Sequence[str], worker: str) -> str | None:
+    """Atomically claim one of obsids that no other worker holds, so parallel workers never share a scene."""
+
+
 # Markers -------------------------------------------------------------------------------------
 
 

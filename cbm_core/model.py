@@ -29,8 +29,15 @@ PARCEL_COLUMNS = ("pid", "crop_code", "crop_name", "geometry")
 CATALOGUE_COLUMNS = ("obsid", "obstime", "sensor", "card", "orbit", "bands", "geometry")
 CARDS = ("s2", "bs", "c6")
 MARKER_RESULT_COLUMNS = (
-    "marker", "pid", "status", "reason", "events", "values", "confidence", "obsids",
-)  # fmt: skip
+    "marker",
+    "pid",
+    "status",
+    "reason",
+    "events",
+    "values",
+    "confidence",
+    "obsids",
+)
 VERDICT_COLUMNS = ("pid", "light", "reasons")
 
 

@@ -117,8 +117,13 @@ class Engine:
         scenes = catalogue[catalogue["card"].isin(list(by_card))]
         in_footprint = _parcels_in_footprints(parcels, scenes)
         parts = []
-        for row in tqdm(scenes.itertuples(index=False), total=len(scenes), desc="extract", unit="scene",
-                        disable=self._progress_disabled):  # fmt: skip
+        for row in tqdm(
+            scenes.itertuples(index=False),
+            total=len(scenes),
+            desc="extract",
+            unit="scene",
+            disable=self._progress_disabled,
+        ):
             scene = Scene(row.obsid, row.obstime, row.sensor, row.card, row.bands, row.orbit)
             if scene.obsid in done:
                 report.skipped.append(scene.obsid)
@@ -162,9 +167,11 @@ class Engine:
                 return Signatures.empty()
             half = len(parcels) // 2
             return Signatures.concat(
-                [self._extract_scene(call, scene, parcels.iloc[s], job, read_window, report)
-                 for s in (slice(0, half), slice(half, None))]
-            )  # fmt: skip
+                [
+                    self._extract_scene(call, scene, parcels.iloc[s], job, read_window, report)
+                    for s in (slice(0, half), slice(half, None))
+                ]
+            )
         return Signatures(
             validate_signatures(out.stats, f"extractor '{job.plugin}' on {scene.obsid}"), out.scl
         )
@@ -289,8 +296,15 @@ def signatures_table(signatures: Signatures, catalogue: pd.DataFrame) -> pd.Data
     series_scenes = catalogue[["obsid", "obstime", "card"]]
     table = signatures.stats.merge(series_scenes, on="obsid", how="left")
     table = table.merge(signatures.scl, on=["pid", "obsid"], how="left")
-    columns = ["pid", "obsid", "obstime", "card", "band", *table.columns.difference(
-        ["pid", "obsid", "obstime", "card", "band", *HIST_COLUMNS], sort=False), *HIST_COLUMNS]  # fmt: skip
+    columns = [
+        "pid",
+        "obsid",
+        "obstime",
+        "card",
+        "band",
+        *table.columns.difference(["pid", "obsid", "obstime", "card", "band", *HIST_COLUMNS], sort=False),
+        *HIST_COLUMNS,
+    ]
     return table[columns].sort_values(["pid", "obstime", "band"], ignore_index=True)
 
 

@@ -16,6 +16,7 @@ import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -59,7 +60,7 @@ class PluginManager:
         return self.pm.hook
 
     def register(
-        self, module: ModuleType, name: str, origin: str, version: str, description: str = ""
+        self, module: ModuleType, name: str, origin: str = "test", version: str = "0", description: str = ""
     ) -> bool:
         """Register one plugin module unless it is blocked or made for another core API."""
         if self.pm.is_blocked(name):
@@ -72,7 +73,6 @@ class PluginManager:
                 f"but this cbm-engine provides core API {CORE_API_VERSION}; plugin not loaded"
             )
             self.refused[name] = why
-            print(f"cbm: warning: {why}", file=sys.stderr)
             return False
         self.pm.register(module, name=name)
         hooks = sorted(h.name for h in self.pm.get_hookcallers(module) or [])
@@ -149,32 +149,48 @@ def load_plugins(entry_points: bool = True, builtins: bool = True) -> PluginMana
     version = _engine_version()
     if builtins:
         for entry in builtin_plugins():
-            if manager.pm.is_blocked(entry["name"]):
-                manager.refused[entry["name"]] = f"disabled by {DISABLED_ENV}"
-                continue
-            module = importlib.import_module(entry["module"])
-            manager.register(module, entry["name"], "built-in", version, entry.get("description", ""))
+            load = partial(importlib.import_module, entry["module"])
+            _load(manager, entry["name"], load, "built-in", version, entry.get("description", ""))
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if manager.pm.is_blocked(ep.name):
-                manager.refused[ep.name] = f"disabled by {DISABLED_ENV}"
-                continue
             if ep.name in manager.infos:
                 manager.refused[f"{ep.name} ({ep.value})"] = f"name '{ep.name}' is taken by a built-in plugin"
                 continue
-            try:
-                module = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not take the engine down
-                manager.refused[ep.name] = f"failed to import {ep.value}: {exc}"
-                print(f"cbm: warning: plugin '{ep.name}' failed to import: {exc}", file=sys.stderr)
-                continue
             dist_version = ep.dist.version if ep.dist is not None else "unknown"
-            manager.register(module, ep.name, "entry point", dist_version)
+            loaded = _load(manager, ep.name, ep.load, "entry point", dist_version)
+            if not loaded and not manager.pm.is_blocked(ep.name):  # the user installed it: say why it is off
+                print(
+                    f"cbm: warning: plugin '{ep.name}' not loaded: {manager.refused[ep.name]}",
+                    file=sys.stderr,
+                )
     manager.pm.check_pending()
     if os.environ.get(TRACE_ENV, "").strip() not in ("", "0", "false", "no"):
         manager.pm.trace.root.setwriter(sys.stderr.write)
         manager.pm.enable_tracing()
     return manager
+
+
+def _load(
+    manager: PluginManager,
+    name: str,
+    load: Callable[[], ModuleType],
+    origin: str,
+    version: str,
+    description: str = "",
+) -> bool:
+    """Import and register one plugin; a plugin that cannot load is refused, never fatal."""
+    if manager.pm.is_blocked(name):
+        manager.refused[name] = f"disabled by {DISABLED_ENV}"
+        return False
+    try:
+        module = load()
+    except ImportError as exc:  # typically an optional dependency (an extra) not installed
+        manager.refused[name] = f"cannot import ({exc}); install the extra it needs, e.g. cbm-engine[all]"
+        return False
+    except Exception as exc:  # a broken third-party plugin must not take the engine down
+        manager.refused[name] = f"failed to import: {type(exc).__name__}: {exc}"
+        return False
+    return manager.register(module, name, origin, version, description)
 
 
 def _new_pluggy() -> pluggy.PluginManager:

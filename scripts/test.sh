@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run the whole suite: lint, then pytest, which starts
+# and stops real servers (a throwaway PostgreSQL+PostGIS cluster, an S3-compatible server,
+# `cbm serve` under uvicorn, a dask LocalCluster) on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/venv.sh
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! ls /usr/share/postgresql/*/extension/postgis.control >/dev/null 2>&1; then
+  apt_install postgresql postgis
+  pg_major=$(ls /usr/lib/postgresql | sort -n | tail -1)
+  apt_install "postgresql-${pg_major}-postgis-3"
+fi
+pip install -q -e ".[all,test]" ./examples/cbm-example-plugin 2>&1 | grep -v "^WARNING: Location" || true
+ruff format --check .
+ruff check .
+python -m pytest "$@"
