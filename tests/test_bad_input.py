@@ -212,3 +212,18 @@ def test_cli_extract_writes_a_tidy_parquet_that_names_dates_and_cards(tmp_path, 
     assert (s2.filter(like="hist_").sum(axis=1) > 0).all()
     bad = invoke("extract", "--parcels", "p.gpkg", "--scenes", "s.csv", "--out", "o.parquet", "--bands", "s2")
     assert bad.exit_code == 2 and "CARD:BAND" in bad.output
+
+
+def test_installed_cbm_command_reports_user_errors_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cbm_command = Path(sys.executable).with_name("cbm")
+    done = subprocess.run(
+        [str(cbm_command), "run", str(tmp_path / "absent.toml")], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"Error: configuration file not found: {tmp_path / 'absent.toml'}"
+    help_text = subprocess.run([str(cbm_command), "run", "--help"], capture_output=True, text=True).stdout
+    assert "verdicts.gpkg" in help_text and "--force" in help_text
