@@ -29,20 +29,38 @@ __all__ = [
     "Status",
     "TimeSeries",
     "Verdict",
+    "calendar",
     "decide",
     "extract",
+    "flagged_pids",
     "impl",
+    "open_run",
+    "plot_parcel",
+    "plot_peers",
     "read_catalogue",
+    "read_chips",
     "read_parcels",
     "run",
     "run_markers",
     "time_series",
+    "write_chips",
+    "write_report",
 ]
 
 
 def __getattr__(name: str):
     """Load the analyst API on first use, so plugins importing `impl` stay light."""
-    if name in {"decide", "extract", "read_catalogue", "read_parcels", "run_markers", "time_series"}:
+    from cbm_core.api import ANALYST
+
+    if name in {
+        "decide",
+        "extract",
+        "read_catalogue",
+        "read_parcels",
+        "run_markers",
+        "time_series",
+        *ANALYST,
+    }:
         from cbm_core import api
 
         return getattr(api, name)

@@ -24,7 +24,28 @@ from cbm_core.config import PluginConfig, Scheme
 from cbm_core.model import Signatures, TimeSeries
 from cbm_core.pipeline import Engine, time_series
 
-__all__ = ["decide", "engine", "extract", "read_catalogue", "read_parcels", "run_markers", "time_series"]
+# Analyst front doors, imported on first use (they pull in matplotlib): name -> module.
+ANALYST = {
+    "open_run": "cbm_core.plots",
+    "plot_parcel": "cbm_core.plots",
+    "plot_peers": "cbm_core.plots",
+    "read_chips": "cbm_core.chips",
+    "calendar": "cbm_core.chips",
+    "write_chips": "cbm_core.chips",
+    "write_report": "cbm_core.report",
+    "flagged_pids": "cbm_core.report",
+}
+
+__all__ = [
+    "decide",
+    "engine",
+    "extract",
+    "read_catalogue",
+    "read_parcels",
+    "run_markers",
+    "time_series",
+    *ANALYST,
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -88,3 +109,12 @@ def _source(plugin: str, options: dict[str, Any]) -> PluginConfig:
 
 def _scheme(scheme: str | PathLike | Scheme) -> Scheme:
     return scheme if isinstance(scheme, Scheme) else engine().scheme(str(scheme), Path.cwd())
+
+
+def __getattr__(name: str) -> Any:
+    """Plots, chips and reports load on first use (see ANALYST)."""
+    if name in ANALYST:
+        import importlib
+
+        return getattr(importlib.import_module(ANALYST[name]), name)
+    raise AttributeError(f"module 'cbm_core.api' has no attribute {name!r}")

@@ -10,7 +10,8 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! ls /usr/share/post
   pg_major=$(ls /usr/lib/postgresql | sort -n | tail -1)
   apt_install "postgresql-${pg_major}-postgis-3"
 fi
-pip install -q -e ".[all,test]" ./examples/cbm-example-plugin 2>&1 | grep -v "^WARNING: Location" || true
+command -v chromium >/dev/null 2>&1 || apt_install chromium chromium-driver
+pip install -q -e ".[all,docs,test]" ./examples/cbm-example-plugin 2>&1 | grep -v "^WARNING: Location" || true
 ruff format --check .
 ruff check .
 python -m pytest "$@"

@@ -1,0 +1,237 @@
+"""Analyst front doors on a real run of the demo: plots, chips, reports, and what they say when
+data is missing (a parcel outside the imagery, a cloudy-only season, a period without scenes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import shapely
+from click.testing import CliRunner
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+import cbm_core as cbm
+from cbm_core.cli import cli
+from cbm_core.errors import InputError
+from cbm_core.model import BandRef
+from cbm_core.plots import data_notes, observations, open_run
+from cbm_core.report import flagged_pids
+from tests.conftest import DEMO, write_config
+
+OUTSIDE = 99  # a parcel 5 km east of the imagery: no observations, no chips
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo (S2 + S1) run once, with one extra parcel outside every scene."""
+    folder = tmp_path_factory.mktemp("analyst")
+    parcels = gpd.read_file(DEMO / "parcels.gpkg", layer="parcels")
+    far = shapely.box(649000, 5676000, 649100, 5676100)
+    extra = gpd.GeoDataFrame({"pid": [OUTSIDE], "crop_name": ["grass"]}, geometry=[far], crs=parcels.crs)
+    pd.concat([parcels, extra], ignore_index=True).to_file(folder / "parcels.gpkg", layer="parcels")
+    config = write_config(
+        folder,
+        f"""
+[source]
+plugin = "local"
+parcels = "{folder / "parcels.gpkg"}"
+crop_name_column = "crop_name"
+scenes = "{DEMO / "scenes.csv"}"
+
+[[extract]]
+card = "s2"
+plugin = "zonal"
+bands = ["B04", "B08", "B11", "SCL"]
+
+[[extract]]
+card = "bs"
+plugin = "zonal"
+bands = ["VV", "VH"]
+""",
+    )
+    cbm.run(config, progress=False)
+    return config
+
+
+@pytest.fixture(scope="module")
+def cloudy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run that only has the two fully clouded Sentinel-2 dates."""
+    folder = tmp_path_factory.mktemp("cloudy")
+    scenes = pd.read_csv(DEMO / "scenes.csv", dtype=str)
+    keep = scenes["product_id"].isin(["S2A_MSIL2A_20230402_T31UFS", "S2B_MSIL2A_20230407_T31UFS"])
+    scenes = scenes[keep].assign(path=lambda f: [str(DEMO / p) for p in f["path"]])
+    scenes.to_csv(folder / "scenes.csv", index=False)
+    config = write_config(
+        folder,
+        f"""
+[source]
+plugin = "local"
+parcels = "{DEMO / "parcels.gpkg"}"
+scenes = "{folder / "scenes.csv"}"
+""",
+    )
+    cbm.run(config, progress=False)
+    return config
+
+
+def texts(fig: Figure) -> str:
+    """Every text drawn on a figure (titles, annotations, messages, legends)."""
+    found = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+    return "\n".join(found)
+
+
+def test_parcel_plot_shows_clear_and_cloudy_s1_db_events_and_verdict(demo_run: Path) -> None:
+    done = open_run(demo_run)
+    fig = cbm.plot_parcel(done, 4)
+    words = texts(fig)
+    assert "verdict GREEN" in words and "ndvi_drop: 1 event(s) on 2023-04-30" in words
+    assert "ndvi_drop 30 Apr" in words  # the event labelled with its date
+    s2_axis, s1_axis = fig.axes
+    lines = {line.get_label(): line for line in s2_axis.get_lines()}
+    clear = lines["clear (≤10% cloudy SCL)"]
+    assert [pd.Timestamp(d).day for d in clear.get_xdata()] == [5, 15]  # the two clear dates
+    assert len(lines["cloudy"].get_xdata()) == 10
+    assert len(lines["used by a marker"].get_xdata()) == 3  # ndvi_drop accepts the thin-cirrus 04-30
+    assert {"VV", "VH"} <= {line.get_label() for line in s1_axis.get_lines()}
+
+
+def test_backscatter_is_converted_to_db_after_averaging_linear(demo_run: Path) -> None:
+    done = open_run(demo_run)
+    series = done.series([4])
+    bs = observations(series, 4)["bs"]
+    stored = series.stats[(series.stats["band"] == "VV")].set_index("obsid")["mean"]
+    expected = 10 * np.log10(stored.loc[bs["obsid"]].to_numpy())
+    np.testing.assert_allclose(bs["VV_dB"].to_numpy(), expected)
+    assert bs["VV_dB"].between(-25, 5).all()
+
+
+def test_peers_plot_compares_with_same_declared_crop(demo_run: Path) -> None:
+    words = texts(cbm.plot_peers(demo_run, 4))
+    assert "17 peers declared unknown" in words  # the far parcel is declared grass, not a peer
+    assert "peers median" in words
+
+
+def test_parcel_without_observations_says_so_in_place(demo_run: Path) -> None:
+    done = open_run(demo_run)
+    words = texts(cbm.plot_parcel(done, OUTSIDE))
+    assert "no Sentinel-2 NDVI observations of this parcel" in words
+    assert "no Sentinel-1 backscatter (dB) observations of this parcel" in words
+    assert data_notes(observations(done.series([OUTSIDE]), OUTSIDE), done.cards) == [
+        "No observations of this parcel in the signature store."
+    ]
+    assert "no observations of this parcel or its peers" in texts(cbm.plot_peers(done, OUTSIDE))
+
+
+def test_parcel_without_clear_observation_says_so(cloudy_run: Path) -> None:
+    words = texts(cbm.plot_parcel(cloudy_run, 7))
+    assert "no clear observation: all 2 are cloudy" in words
+    done = open_run(cloudy_run)
+    notes = data_notes(observations(done.series([7]), 7), done.cards)
+    assert notes == ["No clear Sentinel-2 observation: all 2 are cloudy."]
+
+
+def test_unknown_parcel_is_an_input_error(demo_run: Path) -> None:
+    with pytest.raises(InputError, match="parcel 12345 is not among the 19 parcels"):
+        cbm.plot_parcel(demo_run, 12345)
+
+
+def test_chips_write_geotiffs_pngs_and_calendar(demo_run: Path, tmp_path: Path) -> None:
+    written = cbm.write_chips(demo_run, 7, tmp_path, "2023-04-05", "2023-04-15")
+    tifs = sorted(p.name for p in written if p.suffix == ".tif")
+    assert tifs[0] == "20230405_S2A_MSIL2A_20230405_T31UFS.tif" and len(tifs) == 5
+    assert (tmp_path / "calendar.png").stat().st_size > 10_000
+    with rasterio.open(tmp_path / tifs[0]) as tif:
+        assert tif.count == 3 and tif.crs.to_epsg() == 32631 and tif.res == (10.0, 10.0)
+        assert tif.descriptions == ("B11", "B08", "B04")
+        data = tif.read()
+        parcel = open_run(demo_run).parcel(7).geometry
+        assert shapely.box(*tif.bounds).contains(parcel)
+    assert np.nanmin(data) > 0 and np.nanmax(data) < 1  # reflectance, not digital numbers
+    ndvi = cbm.read_chips(demo_run, 7, "2023-04-15", "2023-04-15", kind="ndvi")
+    assert len(ndvi) == 1 and 0.5 < float(np.nanmedian(ndvi[0].image)) < 1.0
+
+
+def test_a_period_without_imagery_says_so(demo_run: Path) -> None:
+    assert cbm.read_chips(demo_run, 7, "2023-06-01", "2023-06-30") == []
+    words = texts(cbm.calendar(demo_run, 7, "2023-06-01", "2023-06-30"))
+    assert "no Sentinel-2 imagery of this parcel in this period" in words
+    assert cbm.read_chips(demo_run, OUTSIDE) == []  # no scene footprint touches it
+
+
+def test_an_unreadable_date_keeps_its_place_with_the_reason(demo_run: Path) -> None:
+    done = open_run(demo_run)
+    catalogue = done.catalogue.copy()
+    first = catalogue.index[catalogue["obsid"] == "S2A_MSIL2A_20230405_T31UFS"][0]
+    catalogue.at[first, "bands"] = {**catalogue.at[first, "bands"], "B11": BandRef("/nonexistent/B11.tif")}
+    broken = dataclasses.replace(done, catalogue=catalogue)
+    found = cbm.read_chips(broken, 7, "2023-04-05", "2023-04-15")
+    assert found[0].data is None and found[0].message.startswith("no imagery: /nonexistent/B11.tif")
+    assert all(c.data is not None for c in found[1:])
+    assert "no imagery: /nonexistent/B11.tif" in " ".join(texts(cbm.calendar(broken, 7, found=found)).split())
+
+
+def test_report_html_pdf_render_in_headless_chromium(demo_run: Path, tmp_path: Path) -> None:
+    html_path, pdf_path = cbm.write_report(demo_run, [4, OUTSIDE], tmp_path)
+    page = html_path.read_text()
+    assert page.count('<section class="parcel"') == 2 and "GREEN" in page
+    assert page.count("data:image/png;base64,") == 6 and '<img src="http' not in page  # self-contained
+    assert "No observations of this parcel in the signature store." in page
+    assert "No Sentinel-2 imagery of this parcel in the run&#x27;s period." in page
+    pdf = pdf_path.read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") >= 8
+    pixels = screenshot(html_path, tmp_path / "shot.png")
+    assert pixels.std() > 0.1, "the screenshot is blank"
+    ink = (pixels.mean(axis=2) < 0.9).mean()
+    assert ink > 0.05, f"only {ink:.1%} of the screenshot is not white"
+
+
+def test_cli_plot_chips_report(demo_run: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(cli, ["plot", str(demo_run), "4", "--out", str(tmp_path / "p.png")])
+    assert out.exit_code == 0, out.output
+    assert imread(tmp_path / "p.png").shape[1] > 800
+    out = runner.invoke(
+        cli,
+        ["chips", str(demo_run), "4", "--start", "2023-04-15", "--end", "2023-04-16", "--out", str(tmp_path)],
+    )
+    assert out.exit_code == 0 and "1 chip(s)" in out.output
+    out = runner.invoke(cli, ["report", str(demo_run), "--out", str(tmp_path)])
+    assert out.exit_code != 0 and "give parcel ids or --flagged" in out.output
+    out = runner.invoke(cli, ["report", str(demo_run), "1", "--out", str(tmp_path)])
+    assert out.exit_code == 0 and (tmp_path / "parcel-1.pdf").is_file()
+    assert OUTSIDE in flagged_pids(demo_run) and 4 not in flagged_pids(demo_run)
+
+
+def screenshot(page: Path, target: Path) -> np.ndarray:
+    """Render a page in headless Chromium and return the screenshot's pixels (0..1)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail(
+            "chromium is not installed: apt-get install chromium chromium-driver (scripts/test.sh does)"
+        )
+    with tempfile.TemporaryDirectory() as profile:
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--screenshot={target}",
+            "--window-size=1200,1600",
+        ]
+        done = subprocess.run([browser, *flags, page.resolve().as_uri()], capture_output=True, timeout=90)
+    assert target.is_file(), f"chromium wrote no screenshot: {done.stderr.decode()[-500:]}"
+    return imread(target)[..., :3]
