@@ -10,7 +10,7 @@ from typing import Any
 
 from cbm_core.errors import ConfigError
 
-RUN_SECTIONS = {"run", "source", "store", "extract", "scheme", "marker", "rule"}
+RUN_SECTIONS = {"run", "source", "store", "extract", "scheme", "marker", "rule", "cluster"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,58 @@ def parse_scheme(data: Mapping[str, Any], base_dir: Path, origin: str) -> Scheme
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how a run scales out on dask.distributed ([cluster] table or `cbm run` options).
+
+    Neither an address nor a worker count means single-process, the default.
+    """
+
+    address: str | None = None  # tcp://HOST:PORT of a running dask scheduler
+    workers: int | None = None  # or start a local cluster of this many worker processes
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"  # per local worker, e.g. "4GiB"; dask spills and restarts past it
+    retries: int = 2  # extra attempts for a unit that raises (a killed worker is rescheduled besides)
+    partition_size: int = 20_000  # parcels per marker unit: bounds a worker's memory
+    claim_wait: float = 600.0  # seconds to wait for scenes another run has claimed before giving up
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None or self.workers is not None
+
+
+CLUSTER_TYPES = {
+    "address": str,
+    "workers": int,
+    "threads_per_worker": int,
+    "memory_limit": str,
+    "retries": int,
+    "partition_size": int,
+    "claim_wait": (int, float),
+}
+
+
+def parse_cluster(table: Any, where: str = "[cluster]") -> ClusterConfig:
+    """Check a [cluster] table: known keys, right types, positive counts."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    unknown = sorted(set(table) - set(CLUSTER_TYPES))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(CLUSTER_TYPES)}"
+        )
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, CLUSTER_TYPES[key]):
+            raise ConfigError(f"{where}: '{key}' has the wrong type ({value!r})")
+        if key in ("workers", "threads_per_worker", "partition_size") and value < 1:
+            raise ConfigError(f"{where}: '{key}' must be at least 1, got {value}")
+        if key in ("retries", "claim_wait") and value < 0:
+            raise ConfigError(f"{where}: '{key}' must not be negative, got {value}")
+    if "address" in table and "workers" in table:
+        raise ConfigError(f"{where}: give either address (a running scheduler) or workers (a local cluster)")
+    return ClusterConfig(**table)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole `cbm run` configuration."""
 
@@ -114,6 +166,7 @@ class RunConfig:
     extract: tuple[PluginConfig, ...]
     scheme: Scheme | None  # None until resolved against the plugins' scheme recipes
     scheme_ref: str | None  # a recipe name or file given as `scheme = ...`
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -150,4 +203,5 @@ def load_run_config(path: Path) -> RunConfig:
     if scheme_ref is not None and ("marker" in data or "rule" in data):
         raise ConfigError(f"{path}: give either scheme = ... or [[marker]] and [rule] tables, not both")
     scheme = None if scheme_ref is not None else parse_scheme(data, base, str(path))
-    return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref)
+    cluster = parse_cluster(data.get("cluster", {}), f"{path} [cluster]")
+    return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref, cluster)

@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cbm_core.config import (
+    ClusterConfig,
     PluginConfig,
     RunConfig,
     Scheme,
@@ -67,7 +68,7 @@ class RunResult:
 
     parcels: gpd.GeoDataFrame
     catalogue: gpd.GeoDataFrame
-    series: TimeSeries
+    series: TimeSeries  # empty after a distributed run: a country's series stays in the store
     results: pd.DataFrame
     verdicts: gpd.GeoDataFrame
     summary: dict[str, Any]
@@ -255,8 +256,17 @@ class Engine:
             self.plugins.caller(marker.plugin, "cbm_marker_run", marker.where)
         self.plugins.caller(scheme.rule.plugin, "cbm_rule_decide", scheme.rule.where)
 
-    def run(self, config: RunConfig, force: bool = False) -> RunResult:
-        """`cbm run`: extract what is missing, score every parcel, write verdicts and a summary."""
+    def run(self, config: RunConfig, force: bool = False, cluster: Any = None) -> RunResult:
+        """`cbm run`: extract what is missing, score every parcel, write verdicts and a summary.
+
+        cluster (a ClusterConfig or a dask Client; default: the config's [cluster] table) runs the
+        same work units on dask.distributed; see cbm_core.distributed.
+        """
+        cluster = config.cluster if cluster is None else cluster
+        if not isinstance(cluster, ClusterConfig) or cluster.enabled:
+            from cbm_core.distributed import run_distributed
+
+            return run_distributed(self, config, cluster, force)
         started = time.perf_counter()
         scheme = config.scheme or self.scheme(str(config.scheme_ref), config.base_dir)
         self.check(config, scheme)

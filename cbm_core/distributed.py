@@ -1,0 +1,383 @@
+"""`cbm run` on a dask.distributed cluster: the same work units as single-process, on many machines.
+
+Two kinds of unit, both idempotent so any of them may run twice (a killed worker, a re-run):
+
+* one scene: a worker reads the parcels and catalogue once (cached per process), extracts the
+  scene and writes it to the store itself, so signatures never travel through the scheduler;
+* one marker partition: a contiguous pid range, read from the store on the worker and scored
+  there; only the small results come back, so a worker's memory is bounded by the partition
+  size, not the country.
+
+The driver keeps a bounded number of units in flight. When the store can claim scenes
+(cbm_store_claim, e.g. PostGIS with SKIP LOCKED), the driver claims each scene before submitting
+it, so several runs sharing one catalogue never extract the same scene; scenes another run holds
+are waited for, then taken over when that run's lease expires. A unit that fails every retry is
+recorded with its reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import geopandas as gpd
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cbm_core.config import ClusterConfig, PluginConfig, RunConfig, Scheme, marker_name
+from cbm_core.errors import CbmError, ConfigError
+from cbm_core.model import MarkerResult, Signatures, Status, results_frame
+from cbm_core.pipeline import (
+    MARKER_BATCH,
+    Engine,
+    ExtractReport,
+    RunResult,
+    _describe,
+    _jobs_by_card,
+    _pid_batches,
+    _run_isolated,
+    _summary,
+    time_series,
+    write_outputs,
+)
+from cbm_core.plugins import load_plugins
+
+CLAIM_CHUNK = 64  # scenes offered per claim call: one round trip, whatever the catalogue size
+CLAIM_POLL = 5.0  # seconds between looks at scenes another run is extracting
+SCENE_COLUMNS = ["obsid", "obstime", "card", "orbit"]  # what marker units need of the catalogue
+
+# Plugins registered by hand in the driver (not built-in, not entry points): (name, module) pairs
+# that workers import and register too, so a worker runs exactly the driver's plugins.
+PluginSpec = tuple[tuple[str, str], ...]
+
+
+class UnitFailed(Exception):
+    """A unit's own failure (a scene every parcel of which failed): raised so dask retries it."""
+
+
+def run_distributed(
+    engine: Engine, config: RunConfig, cluster: ClusterConfig | Any, force: bool = False
+) -> RunResult:
+    """Engine.run on a cluster: a ClusterConfig (address or local workers) or a connected Client."""
+    started = time.perf_counter()
+    options = cluster if isinstance(cluster, ClusterConfig) else config.cluster
+    scheme = config.scheme or engine.scheme(str(config.scheme_ref), config.base_dir)
+    engine.check(config, scheme)
+    spec = plugin_spec(engine)
+    parcels = engine.parcels(config.source)
+    catalogue = engine.catalogue(config.source)
+    quiet = engine._progress_disabled
+    with connect(cluster) as client:
+        link = client.dashboard_link
+        if not quiet:
+            print(f"dask dashboard: {link}", file=sys.stderr)
+        run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        report, failed_units = extract_scenes(client, engine, spec, config, catalogue, options, run_id, force)
+        results, marker_failures = score_partitions(
+            client, spec, config, parcels, catalogue, scheme, options, run_id, quiet
+        )
+        failed_units += marker_failures
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        address = client.scheduler.address
+    verdicts = engine.decide(results, parcels, scheme)
+    summary = _summary(config, scheme, parcels, catalogue, report, results, verdicts, started, engine.plugins)
+    summary["cluster"] = {
+        "scheduler": address,
+        "dashboard": link,
+        "workers": workers,
+        "run_id": run_id,
+        "failed_units": failed_units,
+    }
+    write_outputs(config.out_dir, verdicts, results, summary)
+    series = time_series(Signatures.empty(), catalogue, parcels)  # a country's series stays in the store
+    return RunResult(parcels, catalogue, series, results, verdicts, summary)
+
+
+@contextlib.contextmanager
+def connect(cluster: ClusterConfig | Any) -> Iterator[Any]:
+    """A Client to the scheduler at an address, to a new local cluster, or the one given."""
+    from distributed import Client, LocalCluster
+
+    if not isinstance(cluster, ClusterConfig):
+        yield cluster
+        return
+    if cluster.address:
+        try:
+            client = Client(cluster.address, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise CbmError(f"cannot reach the dask scheduler at {cluster.address}: {exc}") from None
+        with client:
+            yield client
+        return
+    local = LocalCluster(
+        n_workers=cluster.workers,
+        threads_per_worker=cluster.threads_per_worker,
+        memory_limit=cluster.memory_limit,
+        processes=True,
+    )
+    with local, Client(local) as client:
+        yield client
+
+
+def plugin_spec(engine: Engine) -> PluginSpec:
+    """The driver's hand-registered plugins, by importable module name, for the workers to load."""
+    extras = []
+    for name, info in sorted(engine.plugins.infos.items()):
+        if info.origin in ("built-in", "entry point"):
+            continue
+        if info.module == "__main__":
+            raise ConfigError(
+                f"plugin '{name}' is defined in __main__, which dask workers cannot import: "
+                "move it to a module (or publish it as a `cbm` entry point)"
+            )
+        extras.append((name, info.module))
+    return tuple(extras)
+
+
+# Worker side -------------------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_ENGINES: dict[PluginSpec, Engine] = {}
+_SOURCE: dict[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]] = {}  # one entry: the last source read
+
+
+def worker_engine(spec: PluginSpec) -> Engine:
+    """This process's Engine with the driver's plugins, loaded once."""
+    with _LOCK:
+        if spec not in _ENGINES:
+            plugins = load_plugins()
+            for name, module in spec:
+                if name not in plugins.infos:
+                    plugins.register(importlib.import_module(module), name)
+            _ENGINES[spec] = Engine(plugins, progress=False)
+        return _ENGINES[spec]
+
+
+def worker_source(engine: Engine, config: RunConfig) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
+    """Parcels and catalogue, read once per worker process and run configuration (path + mtime)."""
+    stamp = config.path.stat().st_mtime_ns if config.path.exists() else 0
+    key = f"{config.path}:{stamp}:{sorted(config.source.options.items())!r}"
+    with _LOCK:
+        if key not in _SOURCE:
+            _SOURCE.clear()  # keep one source: a worker serving runs one after another stays bounded
+            _SOURCE[key] = (engine.parcels(config.source), engine.catalogue(config.source))
+        return _SOURCE[key]
+
+
+def extract_unit(spec: PluginSpec, config: RunConfig, obsid: str) -> dict[str, Any]:
+    """Extract one scene and write it to the store; raise UnitFailed so dask retries a failure."""
+    engine = worker_engine(spec)
+    parcels, catalogue = worker_source(engine, config)
+    scene = catalogue[catalogue["obsid"] == obsid]
+    if scene.empty:
+        raise UnitFailed(f"scene {obsid} is not in the catalogue any more")
+    _, report = engine.extract(parcels, scene, config.extract, config.source, config.store, force=True)
+    if obsid in report.failed:
+        raise UnitFailed(report.failed[obsid])
+    return {"rows": report.rows, "failed_parcels": report.failed_parcels}
+
+
+def marker_unit(
+    spec: PluginSpec, store: PluginConfig, scheme: Scheme, parcels: gpd.GeoDataFrame, scenes: pd.DataFrame
+) -> dict[str, list[MarkerResult]]:
+    """Every marker over one pid range, its signatures read from the store here on the worker."""
+    engine = worker_engine(spec)
+    stored = engine.read_store(store, pids=parcels["pid"].tolist())
+    series = time_series(stored, scenes, parcels)
+    out: dict[str, list[MarkerResult]] = {}
+    for config in scheme.markers:
+        call = engine.plugins.caller(config.plugin, "cbm_marker_run", config.where)
+        name = marker_name(config)
+        out[name] = [
+            r
+            for batch in _pid_batches(series, MARKER_BATCH)
+            for r in _run_isolated(call, name, batch, config.params)
+        ]
+    return out
+
+
+# Driver side -------------------------------------------------------------------------------------
+
+
+class SceneQueue:
+    """Scenes this run may extract: all pending ones, or with a claiming store those it wins."""
+
+    def __init__(self, pending: Sequence[str], claim: Callable[..., str | None] | None, store, run_id: str):
+        self.pending = deque(pending)
+        self.held: list[str] = []  # claimed by another run (or finished by it meanwhile)
+        self.claim, self.store, self.run_id = claim, store, run_id
+
+    def take(self) -> str | None:
+        if self.claim is None:
+            return self.pending.popleft() if self.pending else None
+        while self.pending:
+            chunk = [self.pending[i] for i in range(min(CLAIM_CHUNK, len(self.pending)))]
+            won = self.claim(config=self.store, obsids=chunk, worker=self.run_id)
+            if won is not None:
+                self.pending.remove(won)
+                return won
+            self.held.extend(self.pending.popleft() for _ in chunk)
+        return None
+
+    def recheck(self, stored: set[str]) -> list[str]:
+        """Requeue held scenes not stored yet (their claim may have lapsed); return those now stored."""
+        done = [o for o in self.held if o in stored]
+        self.pending.extend(o for o in self.held if o not in stored)
+        self.held = []
+        return done
+
+
+def extract_scenes(
+    client: Any,
+    engine: Engine,
+    spec: PluginSpec,
+    config: RunConfig,
+    catalogue: gpd.GeoDataFrame,
+    options: ClusterConfig,
+    run_id: str,
+    force: bool,
+) -> tuple[ExtractReport, list[dict[str, str]]]:
+    """Extract every scene not yet stored, one unit per scene, a bounded number in flight."""
+    from distributed import as_completed
+
+    report = ExtractReport()
+    cards = _jobs_by_card(config.extract)
+    wanted = [o for o, c in zip(catalogue["obsid"], catalogue["card"], strict=True) if c in cards]
+    stored = set() if force else engine._stored_obsids(config.store)
+    report.skipped = [o for o in wanted if o in stored]
+    store = config.store
+    can_claim = not force and "cbm_store_claim" in engine.plugins.infos[store.plugin].hooks
+    claim = engine.plugins.caller(store.plugin, "cbm_store_claim", store.where) if can_claim else None
+    queue = SceneQueue([o for o in wanted if o not in stored], claim, store, run_id)
+    window = 2 * max(1, sum(client.nthreads().values()))
+    flying: dict[Any, str] = {}
+    finished = as_completed()
+    failed_units: list[dict[str, str]] = []
+    bar = tqdm(total=len(queue.pending), desc="extract", unit="scene", disable=engine._progress_disabled)
+
+    def fill() -> None:
+        while len(flying) < window and (obsid := queue.take()) is not None:
+            future = client.submit(
+                extract_unit, spec, config, obsid, key=f"extract-{run_id}-{obsid}", retries=options.retries
+            )
+            flying[future] = obsid
+            finished.add(future)
+
+    fill()
+    deadline = None
+    with bar:
+        while flying or queue.held:
+            if not flying:  # all that is left is being extracted by another run
+                deadline = deadline or time.monotonic() + options.claim_wait
+                if time.monotonic() >= deadline:
+                    for obsid in queue.held:
+                        reason = f"claimed by another run and not stored within {options.claim_wait:g} s"
+                        report.failed[obsid] = reason
+                        failed_units.append({"unit": f"scene {obsid}", "reason": reason})
+                    break
+                time.sleep(min(CLAIM_POLL, options.claim_wait))
+                done = queue.recheck(engine._stored_obsids(store))
+                report.skipped += done
+                bar.update(len(done))
+                fill()
+                continue
+            future = next(finished)
+            obsid = flying.pop(future)
+            if future.status == "finished":
+                out = future.result()
+                report.extracted.append(obsid)
+                report.rows += out["rows"]
+                report.failed_parcels += out["failed_parcels"]
+            else:
+                reason = _unit_error(future)
+                report.failed[obsid] = reason
+                failed_units.append({"unit": f"scene {obsid}", "reason": reason})
+            future.release()
+            bar.update()
+            fill()
+    return report, failed_units
+
+
+def score_partitions(
+    client: Any,
+    spec: PluginSpec,
+    config: RunConfig,
+    parcels: gpd.GeoDataFrame,
+    catalogue: gpd.GeoDataFrame,
+    scheme: Scheme,
+    options: ClusterConfig,
+    run_id: str,
+    quiet: bool | None,
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Run the scheme's markers over contiguous pid partitions; same order as single-process."""
+    from distributed import as_completed
+
+    ordered = parcels.sort_values("pid", ignore_index=True)
+    size = options.partition_size
+    starts = list(range(0, len(ordered), size))
+    scenes = client.scatter(pd.DataFrame(catalogue[SCENE_COLUMNS]), broadcast=True, hash=False)
+    parts: dict[int, dict[str, list[MarkerResult]]] = {}
+    failed_units: list[dict[str, str]] = []
+    window = 2 * max(1, sum(client.nthreads().values()))
+    todo = deque(enumerate(starts))
+    flying: dict[Any, int] = {}
+    finished = as_completed()
+
+    def fill() -> None:
+        while len(flying) < window and todo:
+            index, start = todo.popleft()
+            chunk = ordered.iloc[start : start + size]
+            future = client.submit(
+                marker_unit, spec, config.store, scheme, chunk, scenes,
+                key=f"markers-{run_id}-{index}", retries=options.retries,
+            )  # fmt: skip
+            flying[future] = index
+            finished.add(future)
+
+    fill()
+    with tqdm(total=len(starts), desc="markers", unit="partition", disable=quiet) as bar:
+        while flying:
+            future = next(finished)
+            index = flying.pop(future)
+            if future.status == "finished":
+                parts[index] = future.result()
+            else:
+                chunk = ordered.iloc[starts[index] : starts[index] + size]
+                reason = _unit_error(future)
+                pids = chunk["pid"]
+                failed_units.append({"unit": f"markers pid {pids.iloc[0]}-{pids.iloc[-1]}", "reason": reason})
+                parts[index] = {
+                    name: [MarkerResult(name, int(p), Status.NOT_EXECUTED, reason=reason) for p in pids]
+                    for name in scheme.marker_names
+                }
+            future.release()
+            bar.update()
+            fill()
+    return (
+        results_frame(r for name in scheme.marker_names for i in range(len(starts)) for r in parts[i][name]),
+        failed_units,
+    )
+
+
+def _unit_error(future: Any) -> str:
+    """Why a unit failed after its retries; a lost scheduler stops the run (it can be resumed)."""
+    if future.status == "cancelled":
+        raise CbmError(
+            "the dask scheduler dropped this run's work (restarted or unreachable); "
+            "run again to resume: stored scenes are skipped"
+        )
+    exc = future.exception()
+    if type(exc).__name__ == "KilledWorker":
+        return f"the worker running it died on every attempt ({exc})"
+    if isinstance(exc, UnitFailed | CbmError):
+        return str(exc)
+    return _describe(exc)

@@ -1,0 +1,326 @@
+"""Scale-out on dask.distributed: same results as single-process, resumable, fault tolerant.
+
+One LocalCluster (2 worker processes x 1 thread) serves the whole module. The test extractor
+"slowzonal" below wraps the zonal plugin to make scenes slow (so a worker or the run can be
+killed half-way), fail, or leave a trace of every attempt; workers import it from this module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from conftest import write_config
+from distributed import Client, LocalCluster
+
+from cbm_core import distributed as dist
+from cbm_core import impl
+from cbm_core.cli import cli
+from cbm_core.config import PluginConfig, load_run_config
+from cbm_core.errors import ConfigError, InputError
+from cbm_core.pipeline import Engine
+from cbm_core.plugins import load_plugins
+from extractors import zonal
+
+SLOW = """
+[[extract]]
+card = "s2"
+plugin = "slowzonal"
+bands = ["B04", "B08", "SCL"]
+{options}
+"""
+S2_SCENES = 12  # Sentinel-2 scenes in the demo catalogue
+
+
+@impl
+def cbm_extractor_extract(scene, parcels, bands, read_window, config):
+    """The zonal extractor, slowed down, failing on one scene, and logging attempts as asked."""
+    if config.get("trace"):
+        Path(config.get("trace"), f"{scene.obsid}.{uuid.uuid4().hex}").touch()
+    time.sleep(float(config.get("sleep", 0)))
+    if scene.obsid == config.get("fail"):
+        raise InputError(f"{scene.obsid}: band file is corrupt")
+    return zonal.cbm_extractor_extract(
+        scene=scene, parcels=parcels, bands=bands, read_window=read_window, config=config
+    )
+
+
+def test_engine() -> Engine:
+    """An engine with the built-ins and this module's test extractor (also used by the subprocess)."""
+    plugins = load_plugins()
+    plugins.register(sys.modules[__name__], "slowzonal")
+    return Engine(plugins, progress=False)
+
+
+test_engine.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def client():
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GiB", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as connected,
+    ):
+        yield connected
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, pd.DataFrame]:
+    """Outputs of a single-process run of the demo (S2 only)."""
+    folder = tmp_path_factory.mktemp("reference")
+    result = Engine(progress=False).run(load_run_config(write_config(folder)))
+    assert result.summary["scenes"]["extracted"] == S2_SCENES
+    return outputs(load_run_config(write_config(folder)))
+
+
+def outputs(config) -> dict[str, pd.DataFrame]:
+    """Verdicts, marker results and stored signatures, in a canonical order."""
+    engine = Engine(progress=False)
+    stats = engine.read_store(config.store).stats
+    return {
+        "verdicts": pd.read_csv(config.out_dir / "verdicts.csv").sort_values("pid", ignore_index=True),
+        "markers": pd.read_parquet(config.out_dir / "markers.parquet"),
+        "stats": stats.sort_values(["pid", "obsid", "band"], ignore_index=True),
+    }
+
+
+def assert_same(got: dict[str, pd.DataFrame], want: dict[str, pd.DataFrame]) -> None:
+    for name in want:
+        pd.testing.assert_frame_equal(got[name], want[name], obj=name)
+
+
+def stored_obsids(config) -> set[str]:
+    return Engine(progress=False)._stored_obsids(config.store)
+
+
+def stored_scenes(config) -> int:
+    return len(stored_obsids(config))
+
+
+def kill_one_worker(client: Client) -> None:
+    pids = client.run(os.getpid)
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_same_results_as_single_process(client, reference, tmp_path) -> None:
+    config = load_run_config(write_config(tmp_path, "[cluster]\npartition_size = 5\n"))
+    result = Engine(progress=False).run(config, cluster=client)
+    assert result.summary["scenes"]["extracted"] == S2_SCENES
+    assert result.summary["cluster"]["workers"] == 2
+    assert result.summary["cluster"]["dashboard"].startswith("http")
+    assert result.summary["cluster"]["failed_units"] == []
+    assert_same(outputs(config), reference)
+    again = Engine(progress=False).run(config, cluster=client)  # resumes: nothing left to extract
+    assert again.summary["scenes"]["skipped_already_stored"] == S2_SCENES
+    assert_same(outputs(config), reference)
+
+
+def test_cli_runs_on_a_cluster_and_prints_the_dashboard(client, reference, tmp_path) -> None:
+    config = write_config(tmp_path)
+    out = CliRunner().invoke(cli, ["run", str(config), "--cluster", client.scheduler.address])
+    assert out.exit_code == 0, out.output
+    assert f"dask dashboard: {client.dashboard_link}" in out.stderr
+    assert f"{S2_SCENES} extracted" in out.stdout
+    assert_same(outputs(load_run_config(config)), reference)
+    both = CliRunner().invoke(cli, ["run", str(config), "--cluster", "tcp://x:1", "--workers", "2"])
+    assert both.exit_code == 2 and "either --cluster" in both.output
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("nodes = 3", "unknown key(s) nodes"),
+        ('address = "tcp://x:1"\nworkers = 2', "either address"),
+        ("workers = 0", "'workers' must be at least 1"),
+        ('retries = "2"', "'retries' has the wrong type"),
+    ],
+)
+def test_bad_cluster_table_is_a_config_error(tmp_path, table, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(write_config(tmp_path, f"[cluster]\n{table}\n"))
+
+
+def test_killed_worker_mid_run_loses_nothing(client, reference, tmp_path) -> None:
+    config = load_run_config(write_config(tmp_path, SLOW.format(options="sleep = 0.4")))
+    done: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: done.update(r=test_engine().run(config, cluster=client)))
+    runner.start()
+    wait_until(lambda: stored_scenes(config) >= 2)
+    kill_one_worker(client)
+    runner.join(120)
+    summary = done["r"].summary
+    assert summary["scenes"]["extracted"] == S2_SCENES and not summary["scenes"]["failed"]
+    assert_same(outputs(config), reference)
+    wait_until(lambda: len(client.scheduler_info()["workers"]) == 2)  # the nanny restarted it
+
+
+def test_killed_run_resumes_without_gaps_or_duplicates(client, reference, tmp_path) -> None:
+    config_path = write_config(tmp_path, SLOW.format(options="sleep = 0.4"))
+    config = load_run_config(config_path)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from test_distributed import test_engine; from cbm_core.config import *; "
+        f"test_engine().run(load_run_config({str(config_path)!r}), "
+        f"cluster=ClusterConfig(address={client.scheduler.address!r}))"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    try:
+        wait_until(lambda: stored_scenes(config) >= 2)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert stored_scenes(config) < S2_SCENES, "the run was not interrupted half-way"
+    assert not list((config.store.path("path")).rglob("*.tmp"))
+    result = test_engine().run(config, cluster=client)
+    assert (
+        result.summary["scenes"]["extracted"] + result.summary["scenes"]["skipped_already_stored"]
+        == S2_SCENES
+    )
+    assert_same(outputs(config), reference)
+
+
+def test_scene_failing_every_retry_is_recorded(client, tmp_path) -> None:
+    trace = tmp_path / "attempts"
+    trace.mkdir()
+    bad = "S2A_MSIL2A_20230402_T31UFS"
+    options = f'fail = "{bad}"\ntrace = "{trace}"\n[cluster]\nretries = 1'
+    config = load_run_config(write_config(tmp_path, SLOW.format(options=options)))
+    result = test_engine().run(config, cluster=client)
+    scenes = result.summary["scenes"]
+    assert scenes["failed"] == {bad: f"{bad}: band file is corrupt"}
+    assert scenes["extracted"] == S2_SCENES - 1
+    assert result.summary["cluster"]["failed_units"] == [
+        {"unit": f"scene {bad}", "reason": scenes["failed"][bad]}
+    ]
+    assert len(list(trace.glob(f"{bad}.*"))) == 2  # tried, then retried once
+    assert (config.out_dir / "verdicts.csv").is_file()  # the run finished
+
+
+def test_marker_partition_failure_is_recorded(client, tmp_path) -> None:
+    config = load_run_config(write_config(tmp_path, "[cluster]\nretries = 0\npartition_size = 10\n"))
+    engine = Engine(progress=False)
+    broken = replace(config, store=PluginConfig("nosuchstore", {}, config.base_dir, "[store]"))
+    results, failed = dist.score_partitions(
+        client, (), broken, engine.parcels(config.source), engine.catalogue(config.source),
+        engine.scheme("ndvi-drop", config.base_dir), config.cluster, "t", True,
+    )  # fmt: skip
+    assert sorted(f["unit"] for f in failed) == ["markers pid 1-10", "markers pid 11-18"]
+    assert "no plugin named 'nosuchstore'" in failed[0]["reason"]
+    assert list(results["pid"]) == list(range(1, 19))
+    assert set(results["status"]) == {"NOT_EXECUTED"}
+    assert set(results["reason"]) == {f["reason"] for f in failed}
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # a worker may still hold a handle
+
+
+def test_disk_full_store_fails_scenes_cleanly(client, tmp_path, tiny_disk) -> None:
+    config = load_run_config(write_config(tmp_path, f'[store]\npath = "{tiny_disk}"\n'))
+    result = Engine(progress=False).run(config, cluster=client)
+    failed = result.summary["scenes"]["failed"]
+    assert failed and all("No space left on device" in r for r in failed.values())
+    assert result.summary["scenes"]["extracted"] + len(failed) == S2_SCENES
+    assert not [f for f in tiny_disk.rglob("*") if f.is_file() and f.suffix != ".parquet"]
+    stats = Engine(progress=False).read_store(config.store).stats  # every file left is whole
+    assert set(stats["obsid"]) == stored_obsids(config) and not set(failed) & stored_obsids(config)
+
+
+# PostGIS: one catalogue shared by several runs -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    from servers import PostgresCluster, started
+
+    server = started(lambda: PostgresCluster().start())
+    yield server
+    server.stop()
+
+
+def postgis_config(tmp_path: Path, postgres, options: str = "", lease: float = 3600):
+    """A demo run storing signatures in a fresh PostGIS schema."""
+    from sources.postgis import init_database
+
+    store = f'[store]\nplugin = "postgis"\ndsn = "{postgres.dsn}"\nschema = "t{uuid.uuid4().hex[:8]}"\n'
+    store += f"lease_seconds = {lease}\n"
+    config = load_run_config(write_config(tmp_path, SLOW.format(options=options) + store))
+    init_database(config.store)
+    return config
+
+
+def test_postgis_runs_sharing_a_catalogue_never_extract_a_scene_twice(
+    client, reference, postgres, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(dist, "CLAIM_POLL", 0.2)
+    trace = tmp_path / "attempts"
+    trace.mkdir()
+    first = postgis_config(tmp_path, postgres, f'sleep = 0.3\ntrace = "{trace}"')
+    second = replace(first, out_dir=tmp_path / "b" / "out")  # same store, another run
+    results: dict[str, Any] = {}
+    runs = [
+        threading.Thread(target=lambda c=c: results.update({c.out_dir: test_engine().run(c, cluster=client)}))
+        for c in (first, second)
+    ]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(120)
+    attempts = sorted(f.name.split(".")[0] for f in trace.iterdir())
+    assert attempts == sorted(set(attempts)) and len(attempts) == S2_SCENES  # each scene exactly once
+    extracted = [r.summary["scenes"]["extracted"] for r in results.values()]
+    assert sum(extracted) == S2_SCENES and all(extracted), extracted  # both runs did a share
+    for config in (first, second):
+        assert_same(outputs(config), reference)
+
+
+def test_postgis_killed_run_resumes_after_its_claims_lapse(
+    client, reference, postgres, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(dist, "CLAIM_POLL", 0.2)
+    config = postgis_config(tmp_path, postgres, "sleep = 0.4", lease=2)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from test_distributed import test_engine; from cbm_core.config import *; "
+        f"test_engine().run(load_run_config({str(config.path)!r}), "
+        f"cluster=ClusterConfig(address={client.scheduler.address!r}))"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    try:
+        wait_until(lambda: stored_scenes(config) >= 2)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert stored_scenes(config) < S2_SCENES, "the run was not interrupted half-way"
+    result = test_engine().run(config, cluster=client)
+    scenes = result.summary["scenes"]
+    assert not scenes["failed"] and scenes["extracted"] + scenes["skipped_already_stored"] == S2_SCENES
+    assert_same(outputs(config), reference)
