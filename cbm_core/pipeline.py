@@ -34,6 +34,7 @@ from cbm_core.config import (
 from cbm_core.errors import CbmError, ConfigError, InputError
 from cbm_core.model import (
     HIST_COLUMNS,
+    STATS,
     Light,
     MarkerResult,
     Scene,
@@ -47,6 +48,7 @@ from cbm_core.model import (
     verdicts_frame,
 )
 from cbm_core.plugins import PluginManager, load_plugins
+from cbm_core.zonal import clear_fraction
 
 MARKER_BATCH = 20_000  # parcels per marker call: large enough to vectorise, small enough for memory
 
@@ -294,6 +296,7 @@ def time_series(signatures: Signatures, catalogue: pd.DataFrame, parcels: gpd.Ge
     scenes = catalogue[["obsid", "obstime", "card", "orbit"]]
     stats = signatures.stats.merge(scenes, on="obsid", how="inner")
     scl = signatures.scl.merge(scenes[["obsid", "obstime"]], on="obsid", how="inner")
+    scl = scl.assign(clear_fraction=clear_fraction(scl))  # derived from the histogram, never stored
     known = parcels["pid"]
     stats = stats[stats["pid"].isin(known)].sort_values(["pid", "obstime", "band"], ignore_index=True)
     scl = scl[scl["pid"].isin(known)].sort_values(["pid", "obstime"], ignore_index=True)
@@ -302,19 +305,12 @@ def time_series(signatures: Signatures, catalogue: pd.DataFrame, parcels: gpd.Ge
 
 def signatures_table(signatures: Signatures, catalogue: pd.DataFrame) -> pd.DataFrame:
     """Signatures as one tidy table (the format `cbm score` reads): stats rows with dates, card
-    and the SCL histogram of their observation."""
+    and the SCL histogram and clear-sky fraction of their observation."""
     series_scenes = catalogue[["obsid", "obstime", "card"]]
     table = signatures.stats.merge(series_scenes, on="obsid", how="left")
-    table = table.merge(signatures.scl, on=["pid", "obsid"], how="left")
-    columns = [
-        "pid",
-        "obsid",
-        "obstime",
-        "card",
-        "band",
-        *table.columns.difference(["pid", "obsid", "obstime", "card", "band", *HIST_COLUMNS], sort=False),
-        *HIST_COLUMNS,
-    ]
+    scl = signatures.scl.assign(clear_fraction=clear_fraction(signatures.scl))
+    table = table.merge(scl, on=["pid", "obsid"], how="left")
+    columns = ["pid", "obsid", "obstime", "card", "band", *STATS, *HIST_COLUMNS, "clear_fraction"]
     return table[columns].sort_values(["pid", "obstime", "band"], ignore_index=True)
 
 
