@@ -210,6 +210,7 @@ def validate_parcels(parcels: gpd.GeoDataFrame, what: str) -> gpd.GeoDataFrame:
         if len(bad):
             raise InputError(f"{what}: column pid must hold integers; bad value {bad.iloc[0]!r}")
         parcels = parcels.assign(pid=converted.astype("int64"))
+    parcels = parcels.assign(pid=parcels["pid"].astype("int64"))  # one pid dtype whatever the file format
     duplicated = parcels["pid"][parcels["pid"].duplicated()]
     if len(duplicated):
         raise InputError(f"{what}: column pid has duplicated value {int(duplicated.iloc[0])}")

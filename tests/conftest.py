@@ -45,3 +45,36 @@ bands = ["B04", "B08", "SCL"]
 @pytest.fixture
 def demo_config(tmp_path: Path) -> Path:
     return write_config(tmp_path)
+
+
+# Real servers for the PostGIS / S3 / REST tests (tests/servers.py) -------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL + PostGIS cluster on a free loopback port."""
+    from servers import PostgresCluster, started
+
+    cluster = started(lambda: PostgresCluster().start())
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def moto():
+    """moto's S3 server on loopback."""
+    from servers import MotoServer, started
+
+    server = started(lambda: MotoServer().start())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_proxy(moto):
+    """A fault-injecting, byte-counting proxy in front of moto (fresh counters per test)."""
+    from servers import FaultProxy
+
+    proxy = FaultProxy(moto.port).start()
+    yield proxy
+    proxy.stop()

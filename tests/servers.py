@@ -40,7 +40,9 @@ def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise ServerError(f"server process exited with code {process.returncode} before listening on {port}")
+            raise ServerError(
+                f"server process exited with code {process.returncode} before listening on {port}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -59,6 +61,8 @@ class PostgresCluster:
     port: int = field(default_factory=free_port)
     dbname: str = "cbm"
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cbm-pg-")))
+    keep: bool = False  # keep the data folder on stop (benchmarks reuse a large store)
+    settings: tuple[str, ...] = ()  # extra `-c name=value` server settings
 
     @property
     def dsn(self) -> str:
@@ -76,6 +80,10 @@ class PostgresCluster:
         extension = Path("/usr/share/postgresql/15/extension/postgis.control")
         if not extension.exists():
             raise ServerError(f"{extension} not found: install the Debian package postgresql-15-postgis-3")
+        if (self.root / "data" / "PG_VERSION").exists():  # an existing cluster: just start it
+            self._pg_ctl("start")
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
         subprocess.run(
@@ -100,7 +108,7 @@ class PostgresCluster:
     def _pg_ctl(self, action: str, *extra: str) -> None:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=60"
+            "-c full_page_writes=off -c max_connections=60" + "".join(f" -c {x}" for x in self.settings)
         )
         subprocess.run(
             self._as_postgres(
@@ -117,8 +125,9 @@ class PostgresCluster:
 
     def stop(self) -> None:
         if (self.root / "data" / "postmaster.pid").exists():
-            self._pg_ctl("stop", "-m", "immediate")
-        shutil.rmtree(self.root, ignore_errors=True)
+            self._pg_ctl("stop", "-m", "fast" if self.keep else "immediate")
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 # moto S3 ---------------------------------------------------------------------------------------
@@ -297,6 +306,8 @@ class CbmServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.log is not None:
+            self.log.unlink(missing_ok=True)
 
 
 def started(make: Callable[[], object]) -> object:
@@ -304,4 +315,36 @@ def started(make: Callable[[], object]) -> object:
     try:
         return make()
     except subprocess.CalledProcessError as exc:
-        raise ServerError(f"{exc.cmd!r} failed: {exc.stderr.decode(errors='replace') if exc.stderr else ''}") from None
+        raise ServerError(
+            f"{exc.cmd!r} failed: {exc.stderr.decode(errors='replace') if exc.stderr else ''}"
+        ) from None
+
+
+def band_rows(catalogue):
+    """A catalogue's band files as a sorted table (NaN nodata compares equal), for comparisons."""
+    import pandas as pd
+
+    rows = [
+        {
+            "obsid": obsid,
+            "band": band,
+            "uri": ref.uri,
+            "nodata": ref.nodata,
+            "scale": ref.scale,
+            "offset": ref.offset,
+        }
+        for obsid, bands in zip(catalogue["obsid"], catalogue["bands"], strict=True)
+        for band, ref in bands.items()
+    ]
+    return pd.DataFrame(rows).sort_values(["obsid", "band"], ignore_index=True)
+
+
+def upload_demo(client, bucket: str, prefix: str = "flanders/") -> None:
+    """The demo folder (COGs, scenes.csv, parcels.gpkg) into a bucket, keeping its layout."""
+    demo = ROOT / "demo" / "flanders-2023"
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        client.create_bucket(Bucket=bucket)
+    for path in sorted(demo.rglob("*")):
+        if path.is_file() and path.suffix in (".tif", ".csv", ".gpkg"):
+            client.upload_file(str(path), bucket, prefix + str(path.relative_to(demo)))

@@ -1,0 +1,260 @@
+"""PostGIS source and store against a real throwaway PostgreSQL + PostGIS cluster."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psycopg2
+import pytest
+from click.testing import CliRunner
+from conftest import DEMO
+from servers import band_rows
+
+import sources.postgis as pg
+from cbm_core.cli import CbmGroup
+from cbm_core.config import PluginConfig
+from cbm_core.model import HIST_COLUMNS, STATS, Signatures
+from cbm_core.plugins import load_plugins
+
+pytestmark = pytest.mark.servers
+
+
+def config(postgres, **options) -> PluginConfig:
+    """A fresh dataset (its own signature tables) in the shared cluster."""
+    name = uuid.uuid4().hex[:8]
+    base = {"dsn": postgres.dsn, "signatures_table": f"sig_{name}", "hists_table": f"hist_{name}",
+            "parcels_table": f"parcels_{name}"}  # fmt: skip
+    return PluginConfig("postgis", base | options, Path("."), "[store]")
+
+
+def fake_signatures(obsids: list[str], pids: range, bands=("B04", "B08"), seed: int = 0) -> Signatures:
+    rng = np.random.default_rng(seed)
+    index = pd.MultiIndex.from_product([pids, obsids, bands], names=["pid", "obsid", "band"]).to_frame(
+        index=False
+    )
+    for name in STATS:
+        index[name] = rng.integers(0, 500, len(index)) if name == "count" else rng.random(len(index))
+    index.loc[index.index % 7 == 0, "mean"] = np.nan  # empty parcels have NaN statistics
+    scl = pd.MultiIndex.from_product([pids, obsids], names=["pid", "obsid"]).to_frame(index=False)
+    for name in HIST_COLUMNS:
+        scl[name] = rng.integers(0, 3, len(scl))
+    return Signatures(index, scl)
+
+
+def sorted_frame(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    return frame.sort_values(keys, ignore_index=True)
+
+
+def test_migrations_are_shipped_idempotent_and_keyed(postgres):
+    cfg = config(postgres)
+    assert [name for name, _ in pg.migrations()] == ["001_catalogue.sql", "002_signatures.sql"]
+    assert pg.init_database(cfg) == ["001_catalogue.sql", "002_signatures.sql"]
+    assert pg.init_database(cfg) == []
+    with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT array_agg(a.attname ORDER BY k.n) FROM pg_index i"
+            " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, n)"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+            " WHERE i.indrelid = %s::regclass AND i.indisprimary",
+            (cfg.get("signatures_table"),),
+        )
+        assert cur.fetchone()[0] == ["pid", "obsid", "band"]
+        cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'dias_catalogue'")
+        columns = {r[0] for r in cur.fetchall()}
+    conn.close()
+    assert {"id", "obstime", "reference", "sensor", "card", "status", "footprint"} <= columns
+
+
+def test_db_commands_import_parcels_and_catalogue(postgres, tmp_path):
+    cfg = config(postgres, id_column="ogc_fid", crop_name_column="cropname")
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(
+        f'[source]\nplugin = "local"\nparcels = "{DEMO / "parcels.gpkg"}"\nscenes = "{DEMO / "scenes.csv"}"\n'
+        "[store]\n"
+        + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in {**cfg.options, "plugin": "postgis"}.items())
+    )
+    group = CbmGroup("cbm")
+    manager = load_plugins(entry_points=False)
+    manager.hook.cbm_cli_commands(cli=group)
+    runner = CliRunner()
+    for args in (
+        ["db", "init"],
+        ["db", "import-parcels", str(DEMO / "parcels.gpkg")],
+        ["db", "import-catalogue"],
+    ):
+        result = runner.invoke(group, [*args, "--config", str(run_toml)])
+        assert result.exit_code == 0, result.output
+    local = PluginConfig("local", {"parcels": str(DEMO / "parcels.gpkg"), "scenes": str(DEMO / "scenes.csv")})
+    expected = manager.caller("local", "cbm_source_parcels", "test")(config=local)
+    parcels = pg.cbm_source_parcels(cfg)
+    assert parcels["pid"].tolist() == expected["pid"].tolist()
+    assert parcels.crs == expected.crs
+    assert parcels.geometry.geom_equals_exact(expected.geometry, 0).all()
+    catalogue = pg.cbm_source_catalogue(cfg)
+    reference = manager.caller("local", "cbm_source_catalogue", "test")(config=local)
+    assert catalogue["obsid"].tolist() == reference["obsid"].tolist()
+    assert catalogue["obstime"].tolist() == reference["obstime"].tolist()
+    assert catalogue["card"].tolist() == reference["card"].tolist()
+    pd.testing.assert_frame_equal(band_rows(catalogue), band_rows(reference))
+    bad = runner.invoke(
+        group, ["db", "import-parcels", str(tmp_path / "missing.gpkg"), "--config", str(run_toml)]
+    )
+    assert bad.exit_code != 0 and "missing.gpkg" in bad.output
+
+
+def test_store_round_trip_replaces_scenes_exactly(postgres):
+    cfg = config(postgres)
+    pg.init_database(cfg)
+    obsids = [f"S2A_MSIL2A_2023040{i}_T31UFS" for i in range(1, 5)]
+    first = fake_signatures(obsids, range(1, 51))
+    assert pg.cbm_store_write(cfg, first, obsids) == len(first.stats) + len(first.scl)
+    second = fake_signatures(obsids[:2], range(1, 51), seed=1)
+    pg.cbm_store_write(cfg, second, obsids[:2])  # a re-run of two scenes replaces their rows
+    back = pg.cbm_store_read(cfg, None, None, None)
+    expected = pd.concat([second.stats, first.stats[first.stats["obsid"].isin(obsids[2:])]])
+    pd.testing.assert_frame_equal(
+        sorted_frame(back.stats, ["pid", "obsid", "band"]),
+        sorted_frame(expected, ["pid", "obsid", "band"]).astype(back.stats.dtypes.to_dict()),
+    )
+    assert len(back.scl) == len(first.scl)
+    assert pg.cbm_store_obsids(cfg) == set(obsids)
+    some = pg.cbm_store_read(cfg, [3, 4], [obsids[3]], ["B08"])
+    assert sorted(some.stats["pid"]) == [3, 4] and set(some.stats["band"]) == {"B08"}
+    assert set(some.scl["obsid"]) == {obsids[3]}
+
+
+def test_large_reads_stream_through_a_server_side_cursor(postgres, monkeypatch):
+    cfg = config(postgres)
+    pg.init_database(cfg)
+    signatures = fake_signatures([f"S1A_IW_GRDH_202304{d:02d}" for d in range(1, 11)], range(1, 301))
+    pg.cbm_store_write(cfg, signatures, sorted(set(signatures.stats["obsid"])))
+    chunks = []
+    original = pg._stream
+
+    def counting(*args):
+        for chunk in original(*args):
+            chunks.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(pg, "FETCH_ROWS", 1000)
+    monkeypatch.setattr(pg, "_stream", counting)
+    back = pg.cbm_store_read(cfg, None, None, None)
+    assert len(back.stats) == len(signatures.stats) == 6000
+    assert max(chunks) <= 1000 and sum(chunks) == 6000 + 3000  # stats and histograms, 1000 rows at a time
+
+
+def test_claims_never_give_one_scene_to_two_workers(postgres):
+    cfg = config(postgres, lease_seconds=3600)
+    pg.init_database(cfg)
+    obsids = [f"S2B_MSIL2A_202305{d:02d}_T31UFS" for d in range(1, 31)]
+    claimed: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (obsid := pg.cbm_store_claim(cfg, obsids, name)) is not None:
+            with lock:
+                claimed.append((obsid, name))
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(o for o, _ in claimed) == sorted(obsids)
+    assert len({w for _, w in claimed}) > 1  # the work was really shared
+    stored = fake_signatures(obsids[:1], range(1, 3))
+    pg.cbm_store_write(cfg, stored, obsids[:1])
+    assert (
+        pg.cbm_store_claim(PluginConfig("postgis", {**cfg.options, "lease_seconds": 0}), obsids[:1], "late")
+        is None
+    )
+    expired = PluginConfig("postgis", {**cfg.options, "lease_seconds": 0})
+    assert (
+        pg.cbm_store_claim(expired, obsids[1:2], "rescuer") == obsids[1]
+    )  # a dead worker's scene is taken over
+
+
+def test_database_restart_mid_run_loses_and_duplicates_nothing(postgres):
+    cfg = config(postgres)
+    pg.init_database(cfg)
+    obsids = [f"S2A_MSIL2A_2023{m:02d}{d:02d}_T31UFS" for m in (6, 7) for d in range(1, 21)]
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for obsid in obsids:
+                pg.cbm_store_write(cfg, fake_signatures([obsid], range(1, 201)), [obsid])
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not done.is_set() and len(pg.cbm_store_obsids(cfg)) < 5:
+        pass
+    postgres.restart(mode="immediate")  # a crash: every connection dies mid-transaction
+    thread.join(timeout=120)
+    assert not errors, errors
+    back = pg.cbm_store_read(cfg, None, None, None)
+    assert len(back.stats) == len(obsids) * 200 * 2
+    assert not back.stats.duplicated(["pid", "obsid", "band"]).any()
+    assert pg.cbm_store_obsids(cfg) == set(obsids)
+
+
+def test_identifiers_from_configuration_cannot_inject_sql(postgres):
+    hostile = 'sig"; DROP TABLE dias_catalogue; --'
+    cfg = config(postgres, signatures_table=hostile, hists_table="h'; DELETE FROM pg_class; --")
+    pg.init_database(cfg)
+    pg.cbm_store_write(cfg, fake_signatures(["S2A_X_20230101"], range(1, 3)), ["S2A_X_20230101"])
+    assert len(pg.cbm_store_read(cfg, [1], None, None).stats) == 2
+    with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT relname FROM pg_class WHERE relname IN ('dias_catalogue', %s)", (hostile,))
+        assert sorted(r[0] for r in cur.fetchall()) == sorted(["dias_catalogue", hostile])
+    conn.close()
+
+
+def test_unreachable_database_is_a_clear_error():
+    dsn = "host=127.0.0.1 port=1 dbname=x user=u password=hunter2 connect_timeout=1"
+    cfg = PluginConfig("postgis", {"dsn": dsn, "reconnect_seconds": 1})
+    with pytest.raises(pg.CbmError) as info:
+        pg.cbm_store_obsids(cfg)
+    assert "127.0.0.1" in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_bulk_load_from_a_parquet_store_rebuilds_the_keys(postgres, tmp_path):
+    parquet = PluginConfig("parquet", {"path": str(tmp_path / "signatures")})
+    manager = load_plugins(entry_points=False)
+    obsids = [f"S2A_MSIL2A_202308{d:02d}_T31UFS" for d in range(1, 6)]
+    written = fake_signatures(obsids, range(1, 101))
+    manager.caller("parquet", "cbm_store_write", "t")(config=parquet, signatures=written, obsids=obsids)
+    cfg = config(postgres)
+    pg.init_database(cfg)
+    pg.cbm_store_write(cfg, fake_signatures(obsids[:1], range(1, 101), seed=9), obsids[:1])  # replaced below
+    (tmp_path / "from.toml").write_text(f'[store]\nplugin = "parquet"\npath = "{tmp_path / "signatures"}"\n')
+    target = tmp_path / "target.toml"
+    target.write_text(
+        "[store]\n" + "".join(f'{k} = "{v}"\n' for k, v in {**cfg.options, "plugin": "postgis"}.items())
+    )
+    group = CbmGroup("cbm")
+    manager.hook.cbm_cli_commands(cli=group)
+    result = CliRunner().invoke(
+        group, ["db", "load-signatures", "--config", str(target), "--from", str(tmp_path / "from.toml")]
+    )
+    assert result.exit_code == 0, result.output
+    back = pg.cbm_store_read(cfg, None, None, None)
+    pd.testing.assert_frame_equal(
+        sorted_frame(back.stats, ["pid", "obsid", "band"]),
+        sorted_frame(written.stats, ["pid", "obsid", "band"]).astype(back.stats.dtypes.to_dict()),
+    )
+    with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = %s ORDER BY 1", (cfg.get("signatures_table"),)
+        )
+        definitions = [r[0] for r in cur.fetchall()]
+    conn.close()
+    assert len(definitions) == 2 and any("(pid, obsid, band)" in d for d in definitions)
