@@ -15,6 +15,7 @@ import shapely
 from pyproj import CRS
 
 from cbm_core import impl
+from cbm_core.catalogue import catalogue_frame, scenes_from_band_rows
 from cbm_core.config import PluginConfig
 from cbm_core.errors import InputError
 from cbm_core.model import BandRef, RasterWindow, validate_parcels
@@ -98,81 +99,12 @@ def read_catalogue_csv(path: Path) -> gpd.GeoDataFrame:
         rows = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable CSV catalogue ({exc})") from None
-    rename = {"product_id": "obsid", "orbit_direction": "orbit"}
-    rows = rows.rename(
-        columns={k: v for k, v in rename.items() if k in rows.columns and v not in rows.columns}
-    )
-    missing = [c for c in ("obsid", "obstime", "band", "path") if c not in rows.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(rows.columns)}")
-    if not {"card", "collection", "sensor"} & set(rows.columns):
-        raise InputError(f"{path}: needs a card, collection or sensor column to tell S2 from S1")
-    obstime = pd.to_datetime(rows["obstime"], utc=True, errors="coerce")
-    if obstime.isna().any():
-        line = int(obstime.isna().to_numpy().nonzero()[0][0]) + 2
-        raise InputError(
-            f"{path}, line {line}: column obstime: not a date/time: {rows['obstime'].iloc[line - 2]!r}"
-        )
-    rows = rows.assign(obstime=obstime)
-    scenes = []
-    for obsid, group in rows.groupby("obsid", sort=False):
-        first = group.iloc[0]
-        bands = {}
-        for _, row in group.iterrows():
-            if row["band"] in bands:
-                raise InputError(f"{path}: scene {obsid} lists band {row['band']} twice")
-            bands[row["band"]] = BandRef(
-                uri=str((path.parent / row["path"]).resolve()),
-                nodata=_number(row, "nodata", path),
-                scale=_number(row, "scale", path),
-                offset=_number(row, "offset", path),
-            )
-        scenes.append(
-            {
-                "obsid": str(obsid),
-                "obstime": first["obstime"],
-                "sensor": first.get("sensor", ""),
-                "card": _card(first, path),
-                "orbit": first.get("orbit") or None,
-                "bands": bands,
-                "geometry": _footprint(first, bands),
-            }
-        )
-    catalogue = gpd.GeoDataFrame(scenes, geometry="geometry", crs="EPSG:4326")
-    return catalogue.sort_values(["obstime", "obsid"], ignore_index=True)
+    scenes = scenes_from_band_rows(rows, str(path), lambda p: str((path.parent / p).resolve()), _footprint)
+    return catalogue_frame(scenes)
 
 
-def _number(row: pd.Series, column: str, path: Path) -> float | None:
-    text = str(row.get(column, "")).strip()
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise InputError(
-            f"{path}: scene {row['obsid']} band {row['band']}: {column} {text!r} is not a number"
-        ) from None
-
-
-def _card(row: pd.Series, path: Path) -> str:
-    """CARD type of a scene: given, or told from the collection/sensor name."""
-    if str(row.get("card", "")).strip():
-        return str(row["card"]).strip().lower()
-    text = f"{row.get('collection', '')} {row.get('sensor', '')}".upper()
-    if "COH" in text:
-        return "c6"
-    if "SENTINEL2" in text or "SENTINEL-2" in text or "L2A" in text or "MSI" in text:
-        return "s2"
-    if "SENTINEL1" in text or "SENTINEL-1" in text or "GRD" in text or "SAR" in text:
-        return "bs"
-    raise InputError(f"{path}: scene {row['obsid']}: cannot tell the card (s2/bs/c6); add a card column")
-
-
-def _footprint(row: pd.Series, bands: dict[str, BandRef]) -> shapely.Geometry:
-    """The scene footprint in WGS84: from a WKT column, else the bounds of its first band file."""
-    wkt = str(row.get("footprint", "")).strip()
-    if wkt:
-        return shapely.from_wkt(wkt)
+def _footprint(bands: dict[str, BandRef]) -> shapely.Geometry:
+    """A scene's footprint in WGS84 from the header of its first band file."""
     bounds, crs = raster_footprint(next(iter(bands.values())).uri)
     box = gpd.GeoSeries([shapely.box(*bounds)], crs=CRS.from_user_input(crs) if crs else None)
     return box.to_crs("EPSG:4326").iloc[0] if crs else box.iloc[0]

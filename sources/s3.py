@@ -42,6 +42,7 @@ import shapely.geometry
 from pyproj import CRS
 from rasterio.session import AWSSession
 
+from cbm_core.catalogue import card_of, catalogue_frame, scenes_from_band_rows
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
 from cbm_core.hookspecs import impl
@@ -226,9 +227,7 @@ def cbm_source_catalogue(config: PluginConfig) -> gpd.GeoDataFrame:
         scenes = _stac_catalogue(config)
     else:
         raise ConfigError(f"{config.where}: catalogue = {mode!r}; expected listing, csv or stac")
-    frame = pd.DataFrame(scenes, columns=["obsid", "obstime", "sensor", "card", "orbit", "bands", "geometry"])
-    catalogue = gpd.GeoDataFrame(frame, geometry="geometry", crs="EPSG:4326")
-    return catalogue.sort_values(["obstime", "obsid"], ignore_index=True)
+    return catalogue_frame(scenes)
 
 
 def _listing_catalogue(config: PluginConfig) -> list[dict[str, Any]]:
@@ -287,59 +286,13 @@ def _csv_catalogue(config: PluginConfig) -> list[dict[str, Any]]:
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise InputError(f"s3://{bucket}/{key}: not a readable CSV catalogue ({exc})") from None
     where = f"s3://{bucket}/{key}"
-    rows = rows.rename(columns={"product_id": "obsid", "orbit_direction": "orbit"})
-    missing = [c for c in ("obsid", "obstime", "band", "path") if c not in rows.columns]
-    if missing:
-        raise InputError(f"{where}: missing column(s) {', '.join(missing)}; found {', '.join(rows.columns)}")
     folder = posixpath.dirname(key)
-    scenes = []
-    for obsid, group in rows.groupby("obsid", sort=False):
-        first = group.iloc[0]
-        obstime = pd.to_datetime(first["obstime"], utc=True, errors="coerce")
-        if pd.isna(obstime):
-            raise InputError(f"{where}: scene {obsid}: obstime {first['obstime']!r} is not a date/time")
-        bands = {
-            row["band"]: BandRef(
-                f"s3://{bucket}/{posixpath.normpath(posixpath.join(folder, row['path']))}",
-                *(_number(row, c, where) for c in ("nodata", "scale", "offset")),
-            )
-            for _, row in group.iterrows()
-        }
-        text = f"{first.get('card', '')} {first.get('collection', '')} {first.get('sensor', '')}"
-        wkt = str(first.get("footprint", "")).strip()
-        scenes.append({
-            "obsid": str(obsid), "obstime": obstime, "sensor": first.get("sensor", ""),
-            "card": _card(text, f"{where}: scene {obsid}"), "orbit": first.get("orbit") or None,
-            "bands": bands, "geometry": shapely.from_wkt(wkt) if wkt else _footprint(config, bands),
-        })  # fmt: skip
-    return scenes
-
-
-def _number(row: pd.Series, column: str, where: str) -> float | None:
-    text = str(row.get(column, "")).strip()
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise InputError(
-            f"{where}: scene {row['obsid']} band {row['band']}: {column} {text!r} is not a number"
-        ) from None
-
-
-def _card(text: str, where: str) -> str:
-    """s2 / bs / c6 from a card, collection, platform or sensor name."""
-    upper = text.upper()
-    for card in ("s2", "bs", "c6"):
-        if re.search(rf"\b{card.upper()}\b", upper):
-            return card
-    if "COH" in upper:
-        return "c6"
-    if any(s in upper for s in ("SENTINEL2", "SENTINEL-2", "L2A", "MSI")):
-        return "s2"
-    if any(s in upper for s in ("SENTINEL1", "SENTINEL-1", "GRD", "SAR")):
-        return "bs"
-    raise InputError(f"{where}: cannot tell the card (s2/bs/c6) from {text.strip()!r}")
+    return scenes_from_band_rows(
+        rows,
+        where,
+        lambda path: f"s3://{bucket}/{posixpath.normpath(posixpath.join(folder, path))}",
+        lambda bands: _footprint(config, bands),
+    )
 
 
 def _stac_catalogue(config: PluginConfig) -> list[dict[str, Any]]:
@@ -374,7 +327,7 @@ def _stac_catalogue(config: PluginConfig) -> list[dict[str, Any]]:
             "obsid": str(item["id"]),
             "obstime": pd.Timestamp(props["datetime"]).tz_convert("UTC"),
             "sensor": str(props.get("platform", "")),
-            "card": _card(f"{text} {item.get('collection', '')}", where),
+            "card": card_of(f"{text} {item.get('collection', '')}", where),
             "orbit": props.get("sat:orbit_state") or _relative_orbit(props),
             "bands": bands,
             "geometry": shapely.geometry.shape(item["geometry"]) if item.get("geometry")
