@@ -244,17 +244,36 @@ def report(config: Path, pids: tuple[int, ...], flagged: bool, out: Path) -> Non
 
 
 @cli.command()
-@click.option("--signatures", "signatures", required=True, type=click.Path(path_type=Path),
-              help="Tidy signature table, Parquet or CSV (as written by `cbm extract`).")
+@click.option(
+    "--signatures",
+    "signatures",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Tidy signature table, Parquet or CSV (as written by `cbm extract`).",
+)
 @click.option("--scheme", required=True, help="Scheme recipe name (`cbm schemes`) or TOML file.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--parcels", "parcels_path", type=click.Path(path_type=Path),
-              help="Declared parcels (pid, crop_code, crop_name, geometry); default: pids of the table.")
-@click.option("--scale", default="reflectance", show_default=True,
-              help="S2 values in the table: 'reflectance' (0..1), 'dn' (x 1e-4) or a factor.")
-@click.option("--offset", default=0.0, show_default=True,
-              help="Added to S2 reflectance after scaling (e.g. -0.1 for DN of baseline >= 04.00).")
-def score(signatures: Path, scheme: str, out: Path, parcels_path: Path | None, scale: str, offset: float) -> None:
+@click.option(
+    "--parcels",
+    "parcels_path",
+    type=click.Path(path_type=Path),
+    help="Declared parcels (pid, crop_code, crop_name, geometry); default: pids of the table.",
+)
+@click.option(
+    "--scale",
+    default="reflectance",
+    show_default=True,
+    help="S2 values in the table: 'reflectance' (0..1), 'dn' (x 1e-4) or a factor.",
+)
+@click.option(
+    "--offset",
+    default=0.0,
+    show_default=True,
+    help="Added to S2 reflectance after scaling (e.g. -0.1 for DN of baseline >= 04.00).",
+)
+def score(
+    signatures: Path, scheme: str, out: Path, parcels_path: Path | None, scale: str, offset: float
+) -> None:
     """Run a scheme's markers and rule on ready-made signatures (another backend's statistics).
 
     Writes verdicts.gpkg/csv, markers.parquet and summary.json to OUT, as `cbm run` does.
@@ -265,25 +284,45 @@ def score(signatures: Path, scheme: str, out: Path, parcels_path: Path | None, s
     engine = Engine(plugins=_plugins(), progress=False)
     results, verdicts = run_score(signatures, scheme, out, parcels_path, scale, offset, engine=engine)
     lights = verdicts["light"].value_counts()
+    counts = {light: int(lights.get(light, 0)) for light in ("green", "yellow", "red")}
     click.echo(
-        f"{len(verdicts)} parcels, {len(results)} marker results; verdicts: {int(lights.get('green', 0))} green, "
-        f"{int(lights.get('yellow', 0))} yellow, {int(lights.get('red', 0))} red; written to {out}"
+        f"{len(verdicts)} parcels, {len(results)} marker results; verdicts: {counts['green']} green, "
+        f"{counts['yellow']} yellow, {counts['red']} red; written to {out}"
     )
 
 
 @cli.command()
-@click.option("--results", "results_path", type=click.Path(path_type=Path),
-              help="Marker results (markers.parquet of `cbm run`/`cbm score`).")
-@click.option("--reference", "reference_path", type=click.Path(path_type=Path),
-              help="Reference CSV/Parquet: pid,date[,kind] (events) or pid,crop (crop type).")
+@click.option(
+    "--results",
+    "results_path",
+    type=click.Path(path_type=Path),
+    help="Marker results (markers.parquet of `cbm run`/`cbm score`).",
+)
+@click.option(
+    "--reference",
+    "reference_path",
+    type=click.Path(path_type=Path),
+    help="Reference CSV/Parquet: pid,date[,kind] (events) or pid,crop (crop type).",
+)
 @click.option("--marker", help="Evaluate this marker only (its name in the results).")
 @click.option("--tolerance", default=12.0, show_default=True, help="Event matching tolerance, days.")
-@click.option("--simulate", "n_parcels", type=int,
-              help="Instead: simulate N parcel-years with known events and evaluate a scheme on them.")
+@click.option(
+    "--simulate",
+    "n_parcels",
+    type=int,
+    help="Instead: simulate N parcel-years with known events and evaluate a scheme on them.",
+)
 @click.option("--scheme", default="grassland-mowing", show_default=True, help="Scheme for --simulate.")
 @click.option("--seed", default=42, show_default=True, help="Random seed for --simulate.")
-def evaluate(results_path: Path | None, reference_path: Path | None, marker: str | None, tolerance: float,
-             n_parcels: int | None, scheme: str, seed: int) -> None:
+def evaluate(
+    results_path: Path | None,
+    reference_path: Path | None,
+    marker: str | None,
+    tolerance: float,
+    n_parcels: int | None,
+    scheme: str,
+    seed: int,
+) -> None:
     """Event precision/recall/F1 (+-12 days, one-to-one) or crop confusion matrices, as JSON."""
     from cbm_core.evaluate import evaluate_files, evaluate_simulation
 

@@ -11,6 +11,7 @@ All arrays are generated at once for the whole batch (no per-parcel Python loop)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -108,11 +109,8 @@ def simulate(
     hist[..., 8] = n_cloud - n_cloud // 2 - n_cloud // 5
     hist[..., 3] = n_cloud // 5
 
-    frames = [
-        _tidy(
-            pids, s2_days + day0, "s2", None, {b: s2_vals[b] for b in s2_bands}, npx, rng, lambda d: f"S2_{d}"
-        )
-    ]
+    s2_named = {b: s2_vals[b] for b in s2_bands}
+    blocks = [_block(s2_days + day0, "s2", None, s2_named, npx[:, 0] * 4, lambda d: f"S2_{_ymd(d)}")]
 
     # Sentinel-1: two orbits, backscatter and 6-day coherence ------------------------------------
     for k, orbit in enumerate(ORBITS):
@@ -121,17 +119,8 @@ def simulate(
         acq = days[present]
         if "bs" in s1_cards:
             vv, vh = _backscatter(rng, ndvi[:, acq], soil[:, acq], rough[:, acq], k)
-            frames.append(
-                _tidy(
-                    pids,
-                    acq + day0,
-                    "bs",
-                    orbit,
-                    {"VV": vv, "VH": vh},
-                    npx[:, :1],
-                    rng,
-                    _s1_name(orbit, "bs"),
-                )
+            blocks.append(
+                _block(acq + day0, "bs", orbit, {"VV": vv, "VH": vh}, npx[:, 0], _s1_name(orbit, "bs"))
             )
         if "c6" in s1_cards:
             pair_ok = np.flatnonzero(present[1:] & present[:-1]) + 1
@@ -139,28 +128,24 @@ def simulate(
             starts = days[pair_ok - 1]
             coh_vv = _coherence(rng, ndvi, soil, truth, starts, ends, k, n)
             coh_vh = np.clip(coh_vv * 0.8 + rng.normal(0, 0.02, coh_vv.shape), 0, 1)
-            frames.append(
-                _tidy(pids, ends + day0, "c6", orbit, {"VV": coh_vv, "VH": coh_vh}, npx[:, :1], rng,
-                      _s1_name(orbit, "c6"))
-            )  # fmt: skip
+            blocks.append(
+                _block(
+                    ends + day0, "c6", orbit, {"VV": coh_vv, "VH": coh_vh}, npx[:, 0], _s1_name(orbit, "c6")
+                )
+            )
 
-    stats = pd.concat(frames, ignore_index=True)
-    order = np.lexsort((stats["obstime_day"].to_numpy(), stats["pid"].to_numpy()))
-    stats = stats.iloc[order].reset_index(drop=True).drop(columns="obstime_day")
+    stats = _stats_frame(pids, blocks, rng, categorical)
     scl = pd.DataFrame(
         {
             "pid": np.repeat(pids, d2),
-            "obsid": np.tile([f"S2_{d + day0}" for d in s2_days], n),
+            "obsid": np.tile([f"S2_{_ymd(d + day0)}" for d in s2_days], n),
         }
     )
     for c, col in enumerate(HIST_COLUMNS):
         scl[col] = hist[..., c].ravel()
     scl["obstime"] = pd.to_datetime(np.tile(s2_days + day0, n).astype("int64") * 86_400_000_000_000, utc=True)
     if categorical:
-        for frame in (stats, scl):
-            for col in ("obsid", "band", "card", "orbit"):
-                if col in frame.columns:
-                    frame[col] = frame[col].astype("category")
+        scl["obsid"] = scl["obsid"].astype("category")
     parcels = _parcels(rng, pids, declared)
     truth["pid"] = pids[truth.pop("row").to_numpy()]
     truth["date"] = [(y0 + pd.Timedelta(days=float(d))).date() for d in truth.pop("doy")]
@@ -168,8 +153,12 @@ def simulate(
     return Scenario(TimeSeries(stats, scl, parcels), truth, pd.Series(actual, index=pids, name="actual_crop"))
 
 
+def _ymd(day: int) -> str:
+    return (np.datetime64("1970-01-01") + np.timedelta64(int(day), "D")).astype(str).replace("-", "")
+
+
 def _s1_name(orbit: str, card: str):
-    return lambda d: f"S1_{orbit}_{d}_{card}"
+    return lambda d: f"S1_{orbit}_{_ymd(d)}_{card}"
 
 
 def _phenology(
@@ -336,41 +325,73 @@ def _coherence(
     return np.clip(coh + rng.normal(0, 0.04, coh.shape), 0.02, 0.98)
 
 
-def _tidy(
-    pids: np.ndarray,
-    days: np.ndarray,
-    card: str,
-    orbit: str | None,
-    bands: dict[str, np.ndarray],
-    npx: np.ndarray,
-    rng: np.random.Generator,
-    name,
-) -> pd.DataFrame:
-    """Per-parcel statistics rows (pid, obsid, band, stats..., obstime, card, orbit) for one card."""
-    n, d = len(pids), len(days)
+@dataclass
+class _Block:
+    """The rows of one card: a per-parcel template (same dates for every parcel) and the values."""
+
+    day: np.ndarray  # (r,) day numbers
+    obsid: np.ndarray  # (r,) labels
+    band: np.ndarray
+    card: str
+    orbit: str | None
+    mean: np.ndarray  # (n, r)
+    count: np.ndarray  # (n,) pixels per parcel
+
+
+def _block(
+    days: np.ndarray, card: str, orbit: str | None, bands: dict[str, np.ndarray], count: np.ndarray, name
+) -> _Block:
     b = len(bands)
-    mean = np.stack([bands[k] for k in bands], axis=2)  # (n, d, b)
-    std = np.abs(mean) * rng.uniform(0.05, 0.2, (n, 1, 1))
+    mean = np.stack([bands[k] for k in bands], axis=2).reshape(len(count), -1)  # (n, d * b)
+    labels = np.array([name(x) for x in days], dtype=object)
+    names = np.tile(np.array(list(bands), dtype=object), len(days))
+    return _Block(np.repeat(days, b), np.repeat(labels, b), names, card, orbit, mean, count)
+
+
+def _stats_frame(
+    pids: np.ndarray, blocks: list[_Block], rng: np.random.Generator, categorical: bool
+) -> pd.DataFrame:
+    """Tidy statistics rows sorted by (pid, obstime, obsid, band), built parcel-major without a global sort.
+
+    Every parcel shares the acquisition schedule, so one template permutation orders all parcels.
+    """
+    n = len(pids)
+    day = np.concatenate([b.day for b in blocks])
+    obsid = np.concatenate([b.obsid for b in blocks])
+    band = np.concatenate([b.band for b in blocks])
+    card = np.concatenate([np.full(len(b.day), b.card, dtype=object) for b in blocks])
+    orbit = np.concatenate([np.full(len(b.day), b.orbit, dtype=object) for b in blocks])
+    obs_codes, obs_labels = pd.factorize(obsid)
+    band_codes, band_labels = pd.factorize(band)
+    perm = np.lexsort((band_codes, obs_codes, day))
+    r = len(perm)
+    mean = np.concatenate([b.mean for b in blocks], axis=1)[:, perm].ravel()
+    count = np.concatenate([np.repeat(b.count[:, None], len(b.day), axis=1) for b in blocks], axis=1)[:, perm]
+    std = np.abs(mean) * np.repeat(rng.uniform(0.05, 0.2, n), r)
+
+    def column(codes: np.ndarray, labels: np.ndarray) -> Any:
+        tiled = np.tile(codes[perm], n)
+        if categorical:
+            return pd.Categorical.from_codes(tiled, categories=pd.Index(labels, dtype=str))
+        return np.append(np.asarray(labels, dtype=object), None)[tiled]
+
+    card_codes, card_labels = pd.factorize(card)
+    orbit_codes, orbit_labels = pd.factorize(orbit, use_na_sentinel=True)
     out = pd.DataFrame(
         {
-            "pid": np.repeat(pids, d * b),
-            "obsid": np.tile(np.repeat(np.array([name(x) for x in days], dtype=object), b), n),
-            "band": np.tile(np.array(list(bands), dtype=object), n * d),
+            "pid": np.repeat(pids, r),
+            "obsid": column(obs_codes, obs_labels),
+            "band": column(band_codes, band_labels),
+            "count": count.ravel().astype(np.int64),
+            "mean": mean,
+            "std": std,
         }
     )
-    flat_mean = mean.ravel()
-    flat_std = std.ravel()
-    count = np.broadcast_to(npx[:, :1, None] * (4 if card == "s2" else 1), (n, d, b)).ravel()
-    out["count"] = count.astype(np.int64)
-    out["mean"] = flat_mean
-    out["std"] = flat_std
     for col, z in zip(STATS[3:], (-2.0, 2.0, -0.674, 0.0, 0.674), strict=True):
-        out[col] = flat_mean + z * flat_std
-    day_arr = np.tile(np.repeat(days, b), n)
-    out["obstime"] = pd.to_datetime(day_arr.astype("int64") * 86_400_000_000_000, utc=True)
-    out["card"] = card
-    out["orbit"] = orbit
-    out["obstime_day"] = day_arr
+        out[col] = mean + z * std
+    out["obstime"] = pd.to_datetime(np.tile(day[perm], n).astype("int64") * 86_400_000_000_000, utc=True)
+    out["card"] = column(card_codes, card_labels)
+    out["orbit"] = column(orbit_codes, orbit_labels)
     return out
 
 

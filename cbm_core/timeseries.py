@@ -9,11 +9,14 @@ observation and helpers for season windows and data gaps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 
@@ -51,6 +54,7 @@ class Panel:
     obs_names: np.ndarray
     values: dict[str, np.ndarray] = field(default_factory=dict)
     orbit: np.ndarray | None = None  # S1 orbit label per observation ("" when unknown)
+    orbit_code: np.ndarray | None = None  # the same as small integers (-1 when unknown)
     cloudy: np.ndarray | None = None  # S2 cloudy pixel fraction per observation (NaN: no SCL)
 
     @property
@@ -74,6 +78,7 @@ class Panel:
             obs=self.obs[keep],
             values={k: v[keep] for k, v in self.values.items()},
             orbit=None if self.orbit is None else self.orbit[keep],
+            orbit_code=None if self.orbit_code is None else self.orbit_code[keep],
             cloudy=None if self.cloudy is None else self.cloudy[keep],
         )
 
@@ -112,18 +117,45 @@ def day_number(value: date | str | pd.Timestamp) -> float:
     return float(to_days([pd.Timestamp(value)])[0])
 
 
+def days_column(column: pd.Series, rows: np.ndarray | None = None) -> np.ndarray:
+    """A timestamp column (naive = UTC) as float days, optionally only some rows.
+
+    Reads the column's own datetime64 buffer without converting the whole column first.
+    """
+    if not isinstance(column.dtype, pd.DatetimeTZDtype) and not pd.api.types.is_datetime64_dtype(
+        column.dtype
+    ):
+        column = pd.to_datetime(column, utc=True)
+    if isinstance(column.dtype, pd.DatetimeTZDtype):
+        column = column.dt.tz_convert(None)  # UTC wall time, no copy of the values
+    raw = column.to_numpy()
+    raw = raw if rows is None else raw[rows]
+    unit, _ = np.datetime_data(raw.dtype)
+    per_day = np.timedelta64(1, "D") / np.timedelta64(1, unit)
+    return raw.view(np.int64) / per_day
+
+
 def _codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes and their labels for a column; categorical columns cost nothing."""
+    """Integer codes (-1 for missing) and their labels; categorical columns cost nothing."""
     if isinstance(column.dtype, pd.CategoricalDtype):
-        return column.cat.codes.to_numpy(np.int64), np.asarray(column.cat.categories, dtype=object)
+        return column.cat.codes.to_numpy(), np.asarray(column.cat.categories, dtype=object)
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
-    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
+    return codes, np.asarray(uniques, dtype=object)
+
+
+def _codes_at(column: pd.Series, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 codes and labels of some rows of a column (only those rows are hashed unless categorical)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        codes, labels = _codes(column)
+        return codes[rows].astype(np.int64), labels
+    codes, labels = _codes(column.iloc[rows])
+    return codes.astype(np.int64), labels
 
 
 def _select(column: pd.Series, wanted: Iterable[str]) -> np.ndarray:
     """Boolean mask of rows whose label is one of ``wanted`` (fast on categoricals)."""
     codes, labels = _codes(column)
-    lut = np.append(np.isin(labels.astype(str), list(wanted)), False)  # code -1 (NA) -> False
+    lut = np.append(np.isin(labels.astype(str), list(wanted)), False)  # code -1 (NA) -> the last, False
     return lut[codes]
 
 
@@ -139,23 +171,28 @@ def build_panel(
     mask = _select(stats["band"], bands)
     if "card" in stats.columns:
         mask &= _select(stats["card"], cards)
-    rows = stats.loc[mask] if not mask.all() else stats
-    pid = rows["pid"].to_numpy(np.int64)
-    t = to_days(rows["obstime"]) if len(rows) else np.zeros(0)
-    obs, obs_names = _codes(rows["obsid"])
-    band_codes, band_labels = _codes(rows["band"])
-    order = np.lexsort((obs, t, pid))
-    if not np.all(order[1:] > order[:-1]):
-        pid, t, obs, band_codes = pid[order], t[order], obs[order], band_codes[order]
-    else:
-        order = slice(None)
+    rows = np.flatnonzero(mask)
+    # work on numpy columns: copying the selected rows of the whole frame costs more than the marker
+    pid = stats["pid"].to_numpy(np.int64)[rows]
+    t = days_column(stats["obstime"], rows)
+    obs, obs_names = _codes_at(stats["obsid"], rows)
+    band_codes, band_labels = _codes_at(stats["band"], rows)
+    ordered = len(pid) < 2 or bool(
+        np.all(
+            (pid[1:] > pid[:-1])
+            | ((pid[1:] == pid[:-1]) & ((t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & (obs[1:] >= obs[:-1]))))
+        )
+    )
+    if not ordered:
+        order = np.lexsort((obs, t, pid))
+        rows, pid, t, obs, band_codes = rows[order], pid[order], t[order], obs[order], band_codes[order]
     new = np.ones(len(pid), dtype=bool)
     if len(pid):
         new[1:] = (pid[1:] != pid[:-1]) | (obs[1:] != obs[:-1]) | (t[1:] != t[:-1])
     group = np.cumsum(new) - 1
     first = np.flatnonzero(new)
     values = {}
-    source = rows[stat].to_numpy(np.float64)[order]
+    source = stats[stat].to_numpy(np.float64)[rows]
     for name in bands:
         out = np.full(len(first), np.nan)
         hit = np.flatnonzero(band_labels.astype(str) == name)
@@ -164,13 +201,15 @@ def build_panel(
             out[group[sel]] = source[sel]
         values[name] = out
     gpid = pid[first]
-    pids, starts = np.unique(gpid, return_index=True)
+    starts = np.flatnonzero(np.concatenate([[True], gpid[1:] != gpid[:-1]])) if len(gpid) else first
+    pids = gpid[starts]
     offsets = np.append(starts, len(gpid)).astype(np.int64)
-    orbit = None
-    if "orbit" in rows.columns:
-        orb = rows["orbit"].to_numpy(object)[order][first] if len(first) else np.zeros(0, object)
-        orbit = np.array(["" if o is None or o != o else str(o) for o in orb], dtype=object)
-    return Panel(pids, offsets, t[first], obs[first], obs_names, values, orbit)
+    orbit = o_codes = None
+    if "orbit" in stats.columns:
+        o_codes, o_labels = _codes_at(stats["orbit"], rows[first])
+        labels = np.append(np.array([str(x) for x in o_labels], dtype=object), "")  # code -1 -> ""
+        orbit = labels[o_codes]
+    return Panel(pids, offsets, t[first], obs[first], obs_names, values, orbit, o_codes)
 
 
 def attach_clouds(panel: Panel, scl: pd.DataFrame, classes: Sequence[int] = DEFAULT_CLOUD_CLASSES) -> Panel:
@@ -180,11 +219,16 @@ def attach_clouds(panel: Panel, scl: pd.DataFrame, classes: Sequence[int] = DEFA
     """
     cloudy = np.full(len(panel.t), np.nan)
     if len(scl) and len(panel.t):
-        hist = scl[[c for c in HIST_COLUMNS if c in scl.columns]].to_numpy(np.float64)
-        hist = np.nan_to_num(hist)
-        bad_cols = [i for i, c in enumerate(HIST_COLUMNS) if c in scl.columns and int(c[5:]) in set(classes)]
-        total = hist.sum(axis=1)
-        frac = np.where(total > 0, hist[:, bad_cols].sum(axis=1) / np.maximum(total, 1), np.nan)
+        total = np.zeros(len(scl))
+        bad = np.zeros(len(scl))
+        for column in HIST_COLUMNS:  # column by column: no (rows x 12) copy
+            if column in scl.columns:
+                counts = np.nan_to_num(scl[column].to_numpy(np.float64))
+                total += counts
+                if int(column[5:]) in set(classes):
+                    bad += counts
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(total > 0, bad / total, np.nan)
         s_obs, s_names = _codes(scl["obsid"])
         # map SCL obsid codes into the panel's code space through their labels
         lookup = pd.Index(panel.obs_names.astype(str)).get_indexer(s_names.astype(str))
@@ -194,7 +238,8 @@ def attach_clouds(panel: Panel, scl: pd.DataFrame, classes: Sequence[int] = DEFA
         p_key = np.repeat(panel.pids, panel.n_obs) * n_codes + panel.obs
         s_key = s_pid * n_codes + s_code
         valid = s_code >= 0
-        order = np.argsort(s_key[valid], kind="stable")
+        keys = s_key[valid]
+        order = np.arange(len(keys)) if np.all(keys[1:] > keys[:-1]) else np.argsort(keys, kind="stable")
         sorted_keys = s_key[valid][order]
         pos = np.searchsorted(sorted_keys, p_key)
         pos_c = np.minimum(pos, max(len(sorted_keys) - 1, 0))
@@ -261,6 +306,8 @@ def dedupe_days(panel: Panel) -> Panel:
         return panel
     pidx = panel.parcel_index
     day = np.floor(panel.t)
+    if not np.any((pidx[1:] == pidx[:-1]) & (day[1:] == day[:-1])):
+        return panel  # sorted by (pid, t): duplicates would be neighbours
     cloudy = np.zeros(len(day)) if panel.cloudy is None else np.nan_to_num(panel.cloudy, nan=1.0)
     order = np.lexsort((panel.obs, cloudy, day, pidx))
     same = np.zeros(len(day), dtype=bool)
@@ -352,16 +399,50 @@ def align(panel: Panel, pids: np.ndarray) -> np.ndarray:
     return np.where(ok, pos_c, -1)
 
 
+def obs_ranges(panel: Panel, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end offsets of each aligned parcel's observations (empty range where pos is -1)."""
+    if not len(panel.pids):
+        zero = np.zeros(len(pos), dtype=np.int64)
+        return zero, zero.copy()
+    safe = np.maximum(pos, 0)
+    start = np.where(pos >= 0, panel.offsets[:-1][safe], 0).astype(np.int64)
+    end = np.where(pos >= 0, panel.offsets[1:][safe], 0).astype(np.int64)
+    return start, end
+
+
+def obs_count(panel: Panel, pos: np.ndarray) -> np.ndarray:
+    """Number of observations of each aligned parcel (0 where pos is -1)."""
+    start, end = obs_ranges(panel, pos)
+    return end - start
+
+
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small result objects.
+
+    Allocating a million dataclasses triggers repeated full collections that cost more than the
+    markers themselves; the objects hold no reference cycles.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def param(params: Mapping[str, Any], key: str, default: Any) -> Any:
     """A marker parameter with its default (kept in one place so docs and code agree)."""
     value = params.get(key, default)
     return default if value is None else value
 
 
-def unknown_bands(stats: pd.DataFrame, known: Iterable[str]) -> list[str]:
-    """Bands present in the signatures that no marker knows (reported, never fatal)."""
-    _, labels = _codes(stats["band"])
-    return sorted(set(map(str, labels)) - set(known))
+def present(column: pd.Series) -> set[str]:
+    """The labels that actually occur in a column (a categorical may declare unused categories)."""
+    codes, labels = _codes(column)
+    used = np.unique(codes[codes >= 0])
+    return {str(x) for x in labels[used]}
 
 
 def s2_panel(
@@ -387,3 +468,58 @@ def s2_panel(
         bool(param(params, "require_scl", False)),
     )
     return panel, dedupe_days(clear)
+
+
+def composite(panel: Panel, names: Sequence[str], start: float, step: float, n_bins: int) -> np.ndarray:
+    """Mean of each value per parcel and time bin: array (parcels, bins, names), NaN where empty.
+
+    Bins are [start + k * step, start + (k + 1) * step). Markers compare parcels on such fixed
+    grids (peers, crop type) because raw acquisition dates differ between parcels and years.
+    """
+    out = np.full((len(panel.pids), n_bins, len(names)), np.nan)
+    if not len(panel.t):
+        return out
+    k = np.floor((panel.t - start) / step).astype(np.int64)
+    ok = (k >= 0) & (k < n_bins)
+    row = panel.parcel_index[ok]
+    cell = row * n_bins + k[ok]
+    counts = np.bincount(cell, minlength=len(panel.pids) * n_bins).astype(float)
+    for j, name in enumerate(names):
+        v = panel.values[name][ok]
+        good = np.isfinite(v)
+        sums = np.bincount(cell[good], weights=v[good], minlength=len(panel.pids) * n_bins)
+        cnt = np.bincount(cell[good], minlength=len(panel.pids) * n_bins) if not good.all() else counts
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, :, j] = (sums / np.where(cnt > 0, cnt, np.nan)).reshape(len(panel.pids), n_bins)
+    return out
+
+
+def fill_bins(values: np.ndarray) -> np.ndarray:
+    """Fill empty bins along axis 1 by linear interpolation, edges by the nearest value.
+
+    Rows with no value at all stay NaN (the caller reports those parcels as not valid).
+    """
+    return _fill_bins(np.ascontiguousarray(values, dtype=np.float64))
+
+
+@numba.njit(cache=True)
+def _fill_bins(values: np.ndarray) -> np.ndarray:
+    out = values.copy()
+    n_rows, n_bins, n_names = values.shape
+    for r in range(n_rows):
+        for j in range(n_names):
+            last = -1
+            for k in range(n_bins):
+                if np.isfinite(values[r, k, j]):
+                    if last < 0:
+                        for q in range(k):
+                            out[r, q, j] = values[r, k, j]
+                    else:
+                        for q in range(last + 1, k):
+                            w = (q - last) / (k - last)
+                            out[r, q, j] = (1 - w) * values[r, last, j] + w * values[r, k, j]
+                    last = k
+            if last >= 0:
+                for q in range(last + 1, n_bins):
+                    out[r, q, j] = values[r, last, j]
+    return out

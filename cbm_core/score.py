@@ -1,0 +1,205 @@
+"""Scoring ready-made signatures: markers and rules over signatures from another CbM backend.
+
+Analysts often already have per-parcel statistics (JRC database exports, openEO or WorldCereal
+extractions). ``read_signatures`` turns a tidy Parquet/CSV table (pid, obstime, card, band,
+count, mean, std, min, max, p25, p50, p75, optional obsid, orbit and hist_0..hist_11 SCL counts)
+into the TimeSeries markers see; ``score`` runs a scheme over it and writes the usual outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+
+from cbm_core.errors import InputError
+from cbm_core.model import CARDS, HIST_COLUMNS, STATS, TimeSeries, validate_parcels
+
+REQUIRED = ("pid", "obstime", "card", "band", "mean")
+REFLECTANCE_STATS = ("mean", "min", "max", "p25", "p50", "p75")
+SCALES = {"reflectance": 1.0, "dn": 1e-4}
+
+
+def reflectance_scale(scale: str | float) -> float:
+    """The factor turning stored S2 values into reflectance: 'reflectance' (1), 'dn' (1e-4) or a number."""
+    if isinstance(scale, int | float):
+        return float(scale)
+    text = str(scale).strip().lower()
+    if text in SCALES:
+        return SCALES[text]
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"scale must be 'reflectance', 'dn' or a number, not {scale!r}") from None
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A Parquet or CSV signature table."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"signatures file not found: {path}")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq", ".geoparquet"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable Parquet/CSV signature table ({exc})") from None
+
+
+def signatures_series(
+    table: pd.DataFrame,
+    parcels: gpd.GeoDataFrame | None = None,
+    scale: str | float = "reflectance",
+    offset: float = 0.0,
+    what: str = "signatures",
+) -> TimeSeries:
+    """A tidy signature table as a TimeSeries.
+
+    ``scale``/``offset`` convert S2 reflectance bands: reflectance = value * scale + offset
+    (e.g. 'dn' with offset -0.1 for L2A processing baseline >= 04.00 DN). Missing obsids are made
+    from card, date and orbit; missing stats columns from the mean (count 1, std 0).
+    """
+    missing = [c for c in REQUIRED if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"{what}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, table.columns))}"
+        )
+    frame = table.copy()
+    frame["obstime"] = pd.to_datetime(frame["obstime"], utc=True, errors="coerce")
+    if frame["obstime"].isna().any():
+        bad = table["obstime"][frame["obstime"].isna()].iloc[0]
+        raise InputError(f"{what}: obstime {bad!r} is not a date/time")
+    frame["card"] = frame["card"].astype(str).str.lower()
+    unknown = sorted(set(frame["card"]) - set(CARDS))
+    if unknown:
+        raise InputError(f"{what}: unknown card(s) {', '.join(unknown)}; expected {', '.join(CARDS)}")
+    frame["band"] = frame["band"].astype(str)
+    pid = pd.to_numeric(frame["pid"], errors="coerce")
+    if pid.isna().any() or (pid % 1 != 0).any():
+        raise InputError(f"{what}: column pid must hold integers")
+    frame["pid"] = pid.astype("int64")
+    if "orbit" not in frame.columns:
+        frame["orbit"] = None
+    if "obsid" not in frame.columns:
+        stamp = frame["obstime"].dt.strftime("%Y%m%dT%H%M%S")
+        orbit = frame["orbit"].fillna("").astype(str)
+        frame["obsid"] = frame["card"] + "_" + stamp + np.where(orbit != "", "_" + orbit, "")
+    frame["obsid"] = frame["obsid"].astype(str)
+    if "count" not in frame.columns:
+        frame["count"] = 1
+    for column in STATS:
+        if column not in frame.columns:
+            frame[column] = 0.0 if column == "std" else frame["mean"]
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    factor = reflectance_scale(scale)
+    reflectance = (frame["card"] == "s2") & (frame["band"] != "SCL")
+    typical = float(frame.loc[reflectance, "mean"].median()) if reflectance.any() else 0.0
+    if factor == 1.0 and typical > 2.0:
+        raise InputError(
+            f"{what}: Sentinel-2 values look like digital numbers (median {typical:g}), not reflectance "
+            "0..1; give scale 'dn' (--scale dn), with offset -0.1 for processing baseline >= 04.00"
+        )
+    if factor != 1.0 or offset:
+        s2 = (frame["card"] == "s2") & (frame["band"] != "SCL")
+        for column in REFLECTANCE_STATS:
+            frame.loc[s2, column] = frame.loc[s2, column] * factor + offset
+        frame.loc[s2, "std"] = frame.loc[s2, "std"] * abs(factor)
+    hist = [c for c in HIST_COLUMNS if c in frame.columns]
+    scl = frame.loc[frame["card"] == "s2", ["pid", "obsid", "obstime", *hist]].drop_duplicates(
+        ["pid", "obsid"]
+    )
+    scl = scl.dropna(subset=hist) if hist else scl.iloc[0:0]
+    for column in HIST_COLUMNS:
+        scl[column] = scl[column].astype("int64") if column in scl.columns else 0
+    stats = frame[frame["band"] != "SCL"]
+    stats = stats[["pid", "obsid", "band", *STATS, "obstime", "card", "orbit"]].astype({"count": "int64"})
+    stats = stats.sort_values(["pid", "obstime", "obsid", "band"], ignore_index=True)
+    scl = scl[["pid", "obsid", *HIST_COLUMNS, "obstime"]].sort_values(["pid", "obstime"], ignore_index=True)
+    parcels = parcels_from_table(table) if parcels is None else validate_parcels(parcels, "parcels")
+    parcels = parcels.sort_values("pid", ignore_index=True)
+    return TimeSeries(stats, scl, parcels)
+
+
+def parcels_from_table(table: pd.DataFrame) -> gpd.GeoDataFrame:
+    """Declared parcels when only signatures are given: crop columns if present, no geometry."""
+    cols = [c for c in ("crop_code", "crop_name") if c in table.columns]
+    declared = table[["pid", *cols]].drop_duplicates("pid").copy()
+    declared["pid"] = pd.to_numeric(declared["pid"]).astype("int64")
+    for column in ("crop_code", "crop_name"):
+        if column not in declared.columns:
+            declared[column] = ""
+    declared = declared.sort_values("pid", ignore_index=True)
+    return gpd.GeoDataFrame(declared, geometry=gpd.GeoSeries([None] * len(declared)), crs="EPSG:4326")
+
+
+def read_signatures(
+    path: Path,
+    parcels: gpd.GeoDataFrame | Path | None = None,
+    scale: str | float = "reflectance",
+    offset: float = 0.0,
+) -> TimeSeries:
+    """Read a tidy Parquet/CSV signature file (and optionally the declared parcels) as a TimeSeries."""
+    if parcels is not None and not isinstance(parcels, gpd.GeoDataFrame):
+        parcels = gpd.read_file(parcels)
+    return signatures_series(read_table(Path(path)), parcels, scale, offset, what=str(path))
+
+
+def score(
+    signatures: TimeSeries | Path | str,
+    scheme: Any,
+    out_dir: Path | str | None = None,
+    parcels: gpd.GeoDataFrame | Path | None = None,
+    scale: str | float = "reflectance",
+    offset: float = 0.0,
+    engine: Any = None,
+) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
+    """Run a scheme (recipe name, TOML path or Scheme) over ready-made signatures.
+
+    Returns (marker results, verdicts); with ``out_dir`` also writes verdicts.gpkg/csv,
+    markers.parquet and summary.json as `cbm run` does.
+    """
+    from cbm_core.config import Scheme
+    from cbm_core.pipeline import Engine, write_outputs
+
+    started = time.perf_counter()
+    engine = engine or Engine(progress=False)
+    series = (
+        signatures
+        if isinstance(signatures, TimeSeries)
+        else read_signatures(Path(signatures), parcels, scale, offset)
+    )
+    plan = scheme if isinstance(scheme, Scheme) else engine.scheme(str(scheme), Path.cwd())
+    results = engine.run_markers(series, plan)
+    verdicts = engine.decide(results, series.parcels, plan)
+    if out_dir is not None:
+        status = results.groupby(["marker", "status"]).size()
+        summary = {
+            "signatures": str(signatures) if not isinstance(signatures, TimeSeries) else "TimeSeries",
+            "scheme": str(scheme) if not isinstance(scheme, Scheme) else plan.marker_names,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 3),
+            "parcels": len(series.parcels),
+            "markers": {
+                m: {s: int(n) for (mm, s), n in status.items() if mm == m} for m in plan.marker_names
+            },
+            "verdicts": verdicts["light"].value_counts().to_dict(),
+        }
+        write_outputs(Path(out_dir), verdicts, results, summary)
+    return results, verdicts
+
+
+def series_table(series: TimeSeries) -> pd.DataFrame:
+    """A TimeSeries as the tidy table `cbm score` reads (stats rows with their SCL histogram)."""
+    stats = series.stats.copy()
+    for column in ("obsid", "band", "card", "orbit"):
+        if column in stats.columns and isinstance(stats[column].dtype, pd.CategoricalDtype):
+            stats[column] = stats[column].astype(object)
+    scl = series.scl.drop(columns=["obstime"], errors="ignore").copy()
+    scl["obsid"] = scl["obsid"].astype(object)
+    table = stats.merge(scl, on=["pid", "obsid"], how="left")
+    return table.sort_values(["pid", "obstime", "card", "band"], ignore_index=True)

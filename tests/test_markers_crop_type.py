@@ -1,0 +1,165 @@
+"""Crop-type marker: features, scikit-learn and Keras models, model files and their spec checks."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from cbm_core import timeseries as ts
+from cbm_core.model import Status, TimeSeries
+from cbm_core.score import read_signatures
+from cbm_core.simulate import simulate
+from markers import crop_type as ct
+
+DATA = Path(__file__).parent / "data"
+SIM_SPEC = {**ct.DEFAULT_SPEC, "s2": ["B02", "B04", "B08", "B11"], "indices": ["NDVI"], "s1": ["VV", "VH"]}
+REAL_SPEC = {**ct.DEFAULT_SPEC, "s2": ["B04", "B08", "B11"], "indices": ["NDVI", "NDMI"], "s1": ["VV", "VH"]}
+
+
+@pytest.fixture(scope="module")
+def train_scenario():
+    return simulate(160, seed=41)
+
+
+@pytest.fixture(scope="module")
+def model(train_scenario):
+    _, X, y, _ = ct.training_set(train_scenario.series, train_scenario.actual_crop, SIM_SPEC)
+    return ct.fit(X, y, "sklearn", SIM_SPEC)
+
+
+def test_features_share_one_grid(train_scenario):
+    pids, X, reasons = ct.features(train_scenario.series, SIM_SPEC)
+    assert X.shape == (160, 36, len(ct.channel_names(SIM_SPEC)))
+    assert not any(reasons) and np.isfinite(X).all()
+    ndvi = X[:, :, ct.channel_names(SIM_SPEC).index("NDVI")]
+    grass = train_scenario.actual_crop.reindex(pids).to_numpy() == "grassland"
+    maize = train_scenario.actual_crop.reindex(pids).to_numpy() == "maize"
+    mid_may = int((ts.day_number("2023-05-15") - ts.day_number("2022-10-01")) // 10)
+    assert ndvi[grass, mid_may].mean() > ndvi[maize, mid_may].mean() + 0.3  # maize is not up yet
+
+
+def test_marker_flags_swapped_declarations(model):
+    scenario = simulate(200, seed=42, swap_rate=0.15)
+    proba = model.predict_proba(ct.features(scenario.series, SIM_SPEC)[1])
+    predicted = np.asarray(model.classes)[proba.argmax(axis=1)]
+    assert (predicted == scenario.actual_crop.to_numpy()).mean() > 0.9
+    declared = scenario.series.parcels["crop_name"].to_numpy()
+    flagged = ct.flags(proba, model.classes, declared, 0.3, 0.08)
+    swapped = declared != scenario.actual_crop.to_numpy()
+    assert flagged[swapped].mean() > 0.8 and flagged[~swapped].mean() < 0.05
+
+
+def test_model_file_round_trip_and_marker(tmp_path, model):
+    scenario = simulate(60, seed=43, swap_rate=0.2)
+    for target in (tmp_path / "folder-model", tmp_path / "model.zip"):
+        model.save(target)
+        again = ct.load_model(target)
+        assert again.classes == model.classes and again.spec == SIM_SPEC
+        X = ct.features(scenario.series, SIM_SPEC)[1]
+        np.testing.assert_allclose(again.predict_proba(X), model.predict_proba(X))
+    assert zipfile.ZipFile(tmp_path / "model.zip").namelist().count("spec.json") == 1
+    meta = json.loads((tmp_path / "folder-model" / "spec.json").read_text())
+    assert meta["versions"]["scikit-learn"] and meta["feature_spec"]["version"] == ct.FEATURE_SPEC_VERSION
+    results = ct.run(scenario.series, {"model": str(tmp_path / "model.zip")})
+    assert len(results) == 60 and all(r.status == Status.OK for r in results)
+    swapped = scenario.series.parcels["crop_name"].to_numpy() != scenario.actual_crop.to_numpy()
+    flagged = np.array([bool(r.events) for r in results])
+    assert flagged[swapped].mean() > 0.7 and flagged[~swapped].mean() < 0.1
+    event = next(r.events[0] for r in results if r.events)
+    assert event.kind == "crop_mismatch" and event.start < event.end
+    assert all("predicted" in r.values and "declared_probability" in r.values for r in results)
+
+
+def test_foreign_models_are_refused_without_crashing(tmp_path, model, train_scenario):
+    sub = train_scenario.series.subset(train_scenario.series.parcels["pid"].to_numpy()[:4])
+    model.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "spec.json").read_text())
+    meta["feature_spec"]["version"] = 99
+    (tmp_path / "m" / "spec.json").write_text(json.dumps(meta))
+    for params, words in (
+        ({"model": str(tmp_path / "m")}, "feature spec version 99"),
+        ({"model": str(tmp_path / "missing")}, "not found"),
+        ({}, "no model configured"),
+    ):
+        results = ct.run(sub, params)
+        assert len(results) == 4 and all(r.status == Status.NOT_VALID and words in r.reason for r in results)
+    model.save(tmp_path / "ok.zip")
+    other = {**SIM_SPEC, "bins": 18}
+    refused = ct.run(sub, {"model": str(tmp_path / "ok.zip"), "feature_spec": other})
+    assert all("another feature spec" in r.reason and "bins" in r.reason for r in refused)
+    no_swir = TimeSeries(sub.stats[sub.stats["band"] != "B11"], sub.scl, sub.parcels)
+    assert all("lack band(s) B11" in r.reason for r in ct.run(no_swir, {"model": str(tmp_path / "ok.zip")}))
+    unknown_crop = TimeSeries(sub.stats, sub.scl, sub.parcels.assign(crop_name="hops"))
+    assert all(
+        "'hops' is not a class" in r.reason for r in ct.run(unknown_crop, {"model": str(tmp_path / "ok.zip")})
+    )
+
+
+def test_keras_model_trains_saves_and_loads(tmp_path, train_scenario):
+    _, X, y, _ = ct.training_set(train_scenario.series, train_scenario.actual_crop, SIM_SPEC)
+    net = ct.fit(X, y, "keras", SIM_SPEC, epochs=8)
+    net.save(tmp_path / "net.zip")
+    again = ct.load_model(tmp_path / "net.zip")
+    proba = again.predict_proba(X[:20])
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(proba, net.predict_proba(X[:20]), atol=1e-6)
+    assert (np.asarray(again.classes)[net.predict_proba(X).argmax(axis=1)] == y).mean() > 0.7
+
+
+def test_real_worldcereal_parcels_cross_validate():
+    series = read_signatures(DATA / "worldcereal_fra2023_subset.parquet", scale="dn")
+    labels = pd.read_csv(DATA / "worldcereal_fra2023_labels.csv").set_index("pid")["crop"]
+    _, X, y, dropped = ct.training_set(series, labels, REAL_SPEC)
+    assert len(y) >= 85 and dropped["no_label"] == 0
+    proba = ct.cross_validate(X, y, "sklearn", folds=3, spec=REAL_SPEC)
+    accuracy = (np.asarray(sorted(set(y)))[proba.argmax(axis=1)] == y).mean()
+    assert accuracy > 0.85
+
+
+def test_cbm_train_command(tmp_path):
+    group = click.Group()
+    ct.cbm_cli_commands(cli=group)
+    out = CliRunner().invoke(
+        group,
+        [
+            "train",
+            "--signatures",
+            str(DATA / "worldcereal_fra2023_subset.parquet"),
+            "--labels",
+            str(DATA / "worldcereal_fra2023_labels.csv"),
+            "--out",
+            str(tmp_path / "wc.zip"),
+            "--scale",
+            "dn",
+            "--s2-bands",
+            "B04,B08,B11",
+            "--cv",
+            "3",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["classes"] == 3 and report["cv"]["overall_accuracy"] > 0.85
+    assert ct.load_model(tmp_path / "wc.zip").spec["s2"] == ["B04", "B08", "B11"]
+    bad = CliRunner().invoke(
+        group,
+        [
+            "train",
+            "--signatures",
+            str(DATA / "worldcereal_fra2023_subset.parquet"),
+            "--labels",
+            str(DATA / "worldcereal_fra2023_labels.csv"),
+            "--out",
+            str(tmp_path / "x.zip"),
+            "--scale",
+            "dn",
+        ],
+    )
+    assert bad.exit_code != 0 and "lack band(s)" in str(bad.exception)

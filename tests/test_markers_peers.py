@@ -1,0 +1,40 @@
+"""Peers-outlier marker: swapped declarations stand out against same-crop neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cbm_core.model import Status, TimeSeries
+from cbm_core.simulate import simulate
+from markers import peers
+
+
+def test_swapped_declarations_are_outliers():
+    scenario = simulate(600, seed=31, swap_rate=0.08)
+    results = peers.run(scenario.series, {})
+    swapped = scenario.series.parcels["crop_name"].to_numpy() != scenario.actual_crop.to_numpy()
+    ok = np.array([r.status == Status.OK for r in results])
+    flagged = np.array([bool(r.events) for r in results])
+    assert ok.mean() > 0.9
+    assert flagged[swapped & ok].mean() > 0.75
+    assert flagged[~swapped & ok].mean() < 0.05
+    crops = dict(zip(scenario.series.parcels["pid"], scenario.series.parcels["crop_name"], strict=True))
+    for r in results[:50]:
+        if r.status == Status.OK:
+            assert r.pid not in r.values["peer_pids"]
+            assert all(crops[p] == crops[r.pid] for p in r.values["peer_pids"])
+            assert r.values["max_peer_distance"] <= 2000
+
+
+def test_too_few_peers_and_no_observation():
+    scenario = simulate(40, seed=32)
+    lonely = peers.run(scenario.series, {"distance": 1.0})
+    assert all(r.status == Status.NOT_VALID and "within 1 m" in r.reason for r in lonely)
+    empty = TimeSeries(
+        scenario.series.stats.iloc[0:0], scenario.series.scl.iloc[0:0], scenario.series.parcels
+    )
+    assert all(r.status == Status.NOT_VALID and "clear" in r.reason for r in peers.run(empty, {}))
+    nowhere = TimeSeries(
+        scenario.series.stats, scenario.series.scl, scenario.series.parcels.assign(geometry=None)
+    )
+    assert all(r.reason == "parcel has no geometry" for r in peers.run(nowhere, {}))
