@@ -94,7 +94,7 @@ def one_size(n: int, markers: list[str], batch: int, seed: int) -> dict:
             ref = truth_all[truth_all["kind"] == kind]
             entry["events"] = event_scores(ref, found, 12, pids=where[crop])
         report["markers"][name] = entry
-    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report["peak_rss_mb"] = _peak_rss_mb()
     report["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     return report
 
@@ -180,10 +180,25 @@ def crop(worldcereal: Path, kinds: list[str], folds: int, seed: int, legend: str
                 float(crop_type.flags(proba, classes, swapped, mc, md)[across].mean()), 4
             ),
             "thresholds": {"min_confidence": mc, "max_declared_prob": md},
+            "tradeoff_max_declared_prob": {
+                str(t): {
+                    "false_flag_rate": round(float(crop_type.flags(proba, classes, y, mc, t).mean()), 4),
+                    "swap_recall": round(float(crop_type.flags(proba, classes, swapped, mc, t).mean()), 4),
+                }
+                for t in (0.002, 0.01, 0.02, 0.05, 0.08, 0.1, 0.15)
+            },
             "recall_by_class": matrix["recall"],
             "seconds": round(time.perf_counter() - t0, 1),
         }
     return out
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM; ru_maxrss would inherit the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _machine() -> dict:

@@ -177,29 +177,15 @@ def build_panel(
     t = days_column(stats["obstime"], rows)
     obs, obs_names = _codes_at(stats["obsid"], rows)
     band_codes, band_labels = _codes_at(stats["band"], rows)
-    ordered = len(pid) < 2 or bool(
-        np.all(
-            (pid[1:] > pid[:-1])
-            | ((pid[1:] == pid[:-1]) & ((t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & (obs[1:] >= obs[:-1]))))
-        )
-    )
-    if not ordered:
+    if not _is_ordered(pid, t, obs):
         order = np.lexsort((obs, t, pid))
         rows, pid, t, obs, band_codes = rows[order], pid[order], t[order], obs[order], band_codes[order]
-    new = np.ones(len(pid), dtype=bool)
-    if len(pid):
-        new[1:] = (pid[1:] != pid[:-1]) | (obs[1:] != obs[:-1]) | (t[1:] != t[:-1])
-    group = np.cumsum(new) - 1
-    first = np.flatnonzero(new)
-    values = {}
+    slot = np.full(len(band_labels) + 1, -1, dtype=np.int64)  # band code -> output column (-1: NA code)
+    for j, name in enumerate(bands):
+        slot[np.flatnonzero(band_labels.astype(str) == name)] = j
     source = stats[stat].to_numpy(np.float64)[rows]
-    for name in bands:
-        out = np.full(len(first), np.nan)
-        hit = np.flatnonzero(band_labels.astype(str) == name)
-        if len(hit):
-            sel = band_codes == hit[0]
-            out[group[sel]] = source[sel]
-        values[name] = out
+    first, table = _group(pid, t, obs, band_codes, source, slot, len(bands))
+    values = {name: table[:, j].copy() for j, name in enumerate(bands)}
     gpid = pid[first]
     starts = np.flatnonzero(np.concatenate([[True], gpid[1:] != gpid[:-1]])) if len(gpid) else first
     pids = gpid[starts]
@@ -210,6 +196,33 @@ def build_panel(
         labels = np.append(np.array([str(x) for x in o_labels], dtype=object), "")  # code -1 -> ""
         orbit = labels[o_codes]
     return Panel(pids, offsets, t[first], obs[first], obs_names, values, orbit, o_codes)
+
+
+@numba.njit(cache=True)
+def _is_ordered(pid: np.ndarray, t: np.ndarray, obs: np.ndarray) -> bool:
+    for i in range(1, len(pid)):
+        if pid[i] < pid[i - 1]:
+            return False
+        if pid[i] == pid[i - 1] and (t[i] < t[i - 1] or (t[i] == t[i - 1] and obs[i] < obs[i - 1])):
+            return False
+    return True
+
+
+@numba.njit(cache=True)
+def _group(pid, t, obs, band_codes, source, slot, n_bands):
+    """One observation per run of equal (pid, t, obs) rows: first row index and band values."""
+    n = len(pid)
+    first = np.empty(n, np.int64)
+    table = np.full((n, n_bands), np.nan)
+    g = -1
+    for i in range(n):
+        if i == 0 or pid[i] != pid[i - 1] or obs[i] != obs[i - 1] or t[i] != t[i - 1]:
+            g += 1
+            first[g] = i
+        j = slot[band_codes[i]]
+        if j >= 0:
+            table[g, j] = source[i]
+    return first[: g + 1], table[: g + 1]
 
 
 def attach_clouds(panel: Panel, scl: pd.DataFrame, classes: Sequence[int] = DEFAULT_CLOUD_CLASSES) -> Panel:

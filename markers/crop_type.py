@@ -47,8 +47,9 @@ DEFAULT_SPEC: dict[str, Any] = {
 DEFAULTS: dict[str, Any] = {
     "model": None,  # path of the model folder or .zip (required)
     "crop_column": "crop_name",
-    "min_confidence": 0.5,  # probability the prediction needs before it may contradict a declaration
-    "max_declared_prob": 0.05,  # ...and the declared crop must be at most this likely
+    "min_confidence": 0.3,  # probability the prediction needs before it may contradict a declaration
+    "max_declared_prob": 0.08,  # ...and the declared crop must be at most this likely (random forest:
+    # ~3 % false flags in 5-fold CV on WorldCereal France; an over-confident Keras net needs less)
     "year": None,  # season year; default: the year of the batch's median observation
     "max_cloudy": ts.DEFAULT_MAX_CLOUDY,
     "cloud_classes": list(ts.DEFAULT_CLOUD_CLASSES),
