@@ -278,16 +278,6 @@ def results_frame(results: Iterable[MarkerResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(MARKER_RESULT_COLUMNS)).astype({"pid": "int64"})
 
 
-def result_events(row: pd.Series) -> list[dict[str, Any]]:
-    """The events of one results_frame row, decoded."""
-    return json.loads(row["events"])
-
-
-def result_values(row: pd.Series) -> dict[str, Any]:
-    """The values of one results_frame row, decoded."""
-    return json.loads(row["values"])
-
-
 def verdicts_frame(verdicts: Iterable[Verdict], parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """Verdicts joined to their parcels' declarations and geometry, reasons as one text."""
     table = pd.DataFrame(

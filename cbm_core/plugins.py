@@ -107,9 +107,6 @@ class PluginManager:
             self._callers[key] = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
         return self._callers[key]
 
-    def plugins_with(self, hook_name: str) -> list[str]:
-        return sorted(n for n, i in self.infos.items() if hook_name in i.hooks)
-
 
 def api_compatible(wanted: str, provided: str) -> bool:
     """A plugin written for API X.Y runs on a core X.Z with Z >= Y (same major version)."""

@@ -227,3 +227,24 @@ def test_installed_cbm_command_reports_user_errors_in_one_line(tmp_path):
     assert done.stderr.strip() == f"Error: configuration file not found: {tmp_path / 'absent.toml'}"
     help_text = subprocess.run([str(cbm_command), "run", "--help"], capture_output=True, text=True).stdout
     assert "verdicts.gpkg" in help_text and "--force" in help_text
+
+
+def test_marker_failure_on_one_parcel_is_isolated_by_halving_not_parcel_by_parcel(cbm_plugin_manager):
+    from cbm_core.testing import sample_parcels, sample_series
+
+    series = sample_series(sample_parcels(64))
+    calls = []
+
+    def cbm_marker_run(series, params):
+        calls.append(len(series.parcels))
+        if 41 in set(series.parcels["pid"]):
+            raise RuntimeError("parcel 41 breaks the marker")
+        return [MarkerResult("brittle", int(p), Status.OK) for p in series.parcels["pid"]]
+
+    cbm_plugin_manager.register(_plugin("brittle", cbm_marker_run=cbm_marker_run), name="brittle")
+    engine = Engine(plugins=cbm_plugin_manager, progress=False)
+    results = engine.run_markers(series, Scheme((PluginConfig("brittle"),), PluginConfig("traffic_light")))
+    failed = results[results["status"] == "NOT_EXECUTED"]
+    assert failed["pid"].tolist() == [41] and "parcel 41 breaks the marker" in failed["reason"].iloc[0]
+    assert (results["status"] == "OK").sum() == 63
+    assert len(calls) <= 1 + 2 * 6  # halving 64 parcels: 13 calls at most, instead of 65 one by one
