@@ -205,22 +205,20 @@ class Engine:
         """One verdict per parcel; a rule failing on a parcel leaves that parcel yellow with the error."""
         rule = scheme.rule
         call = self.plugins.caller(rule.plugin, "cbm_rule_decide", rule.where)
-        try:
-            verdicts = list(call(results=results, parcels=parcels, params=rule.params))
-        except CbmError:
-            raise
-        except Exception:
-            verdicts = []
-            for pid in parcels["pid"].to_numpy():
-                one = parcels[parcels["pid"] == pid]
-                try:
-                    verdicts.extend(
-                        call(results=results[results["pid"] == pid], parcels=one, params=rule.params)
-                    )
-                except Exception as exc:
-                    verdicts.append(
-                        Verdict(int(pid), Light.YELLOW, [f"rule {rule.plugin} failed: {_describe(exc)}"])
-                    )
+        pids = parcels["pid"].to_numpy()
+
+        def judge(positions: np.ndarray) -> list[Verdict]:
+            if len(positions) == len(pids):
+                return list(call(results=results, parcels=parcels, params=rule.params))
+            chosen = parcels.iloc[positions]
+            mine = results[results["pid"].isin(chosen["pid"])]
+            return list(call(results=mine, parcels=chosen, params=rule.params))
+
+        def failed(positions: np.ndarray, exc: Exception) -> list[Verdict]:
+            reason = f"rule {rule.plugin} failed: {_describe(exc)}"
+            return [Verdict(int(p), Light.YELLOW, [reason]) for p in pids[positions]]
+
+        verdicts = _isolating(judge, np.arange(len(pids)), failed, passthrough=(CbmError,))
         decided = {v.pid for v in verdicts}
         missing = [int(p) for p in parcels["pid"] if int(p) not in decided]
         verdicts.extend(Verdict(p, Light.YELLOW, [f"rule {rule.plugin} gave no verdict"]) for p in missing)

@@ -248,3 +248,25 @@ def test_marker_failure_on_one_parcel_is_isolated_by_halving_not_parcel_by_parce
     assert failed["pid"].tolist() == [41] and "parcel 41 breaks the marker" in failed["reason"].iloc[0]
     assert (results["status"] == "OK").sum() == 63
     assert len(calls) <= 1 + 2 * 6  # halving 64 parcels: 13 calls at most, instead of 65 one by one
+
+
+def test_rule_raising_on_one_parcel_leaves_only_that_parcel_yellow(cbm_plugin_manager, cbm_sample_series):
+    traffic_light = cbm_plugin_manager.pm.get_plugin("traffic_light")
+
+    def cbm_rule_decide(results, parcels, params):
+        if 4 in set(parcels["pid"]):
+            raise KeyError("no rule for parcel 4")
+        return traffic_light.cbm_rule_decide(results, parcels, params)
+
+    cbm_plugin_manager.register(_plugin("shaky", cbm_rule_decide=cbm_rule_decide), name="shaky")
+    engine = Engine(plugins=cbm_plugin_manager, progress=False)
+    scheme = Scheme((PluginConfig("ndvi_drop"),), PluginConfig("shaky"))
+    verdicts = engine.decide(engine.run_markers(cbm_sample_series, scheme), cbm_sample_series.parcels, scheme)
+    verdicts = verdicts.set_index("pid")
+    assert len(verdicts) == 6
+    assert (
+        verdicts.loc[4, "light"] == "yellow" and "rule shaky failed: KeyError" in verdicts.loc[4, "reasons"]
+    )
+    assert (verdicts.loc[[1, 3, 5], "light"] == "green").all() and (
+        verdicts.loc[[2, 6], "light"] == "red"
+    ).all()
