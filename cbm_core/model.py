@@ -174,19 +174,15 @@ class Verdict:
 
 
 def empty_signatures() -> pd.DataFrame:
-    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in STATS})
-    frame.insert(0, "band", pd.Series(dtype="object"))
-    frame.insert(0, "obsid", pd.Series(dtype="object"))
-    frame.insert(0, "pid", pd.Series(dtype="int64"))
-    frame["count"] = frame["count"].astype("int64")
-    return frame
+    columns = {"pid": np.zeros(0, np.int64), "obsid": np.zeros(0, object), "band": np.zeros(0, object)}
+    columns.update({c: np.zeros(0, np.int64 if c == "count" else np.float64) for c in STATS})
+    return pd.DataFrame(columns)
 
 
 def empty_scl() -> pd.DataFrame:
-    frame = pd.DataFrame({c: pd.Series(dtype="int64") for c in HIST_COLUMNS})
-    frame.insert(0, "obsid", pd.Series(dtype="object"))
-    frame.insert(0, "pid", pd.Series(dtype="int64"))
-    return frame
+    columns = {"pid": np.zeros(0, np.int64), "obsid": np.zeros(0, object)}
+    columns.update({c: np.zeros(0, np.int64) for c in HIST_COLUMNS})
+    return pd.DataFrame(columns)
 
 
 def require_columns(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:

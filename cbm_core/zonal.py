@@ -57,7 +57,7 @@ from cbm_core.model import HIST_COLUMNS, SCL_CLASSES, STATS, BandRef, RasterWind
 log = logging.getLogger("cbm.extract")
 
 CACHE_ENV = "CBM_CACHE_DIR"
-INDEX_FORMAT = 1  # bump when the PixelIndex layout or the rasterization rule changes
+INDEX_FORMAT = 2  # bump when the PixelIndex layout or the rasterization rule changes
 DEFAULT_BLOCK_PARCELS = 100_000
 # SCL classes that see the surface without cloud, shadow, cirrus or defect:
 # 4 vegetation, 5 not vegetated, 6 water, 11 snow/ice.
@@ -444,19 +444,13 @@ def rasterize(
     """
     geoms = np.asarray(geoms, dtype=object)
     n = len(geoms)
-    parts, part_of = shapely.get_parts(geoms, return_index=True)
-    polygonal = shapely.get_type_id(parts) == 3
-    parts, part_of = parts[polygonal], part_of[polygonal]
-    rings, ring_of = shapely.get_rings(parts, return_index=True)
-    ring_parcel = part_of[ring_of]
-    sizes = shapely.get_num_coordinates(rings)
-    coords = shapely.get_coordinates(rings)
+    coords, sizes, ring_parcel = _rings(geoms)
     # GDAL walks every ring clockwise (in world coordinates); the direction decides which
     # horizontal edges lying exactly on a row of pixel centres are burnt, so do the same.
-    ring_id = np.repeat(np.arange(len(rings)), sizes)
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    ring_id = np.repeat(np.arange(len(sizes)), sizes)
     position = np.arange(len(coords))
-    reverse = shapely.is_ccw(rings)[ring_id]
+    reverse = (_signed_areas(coords, first, sizes) > 0)[ring_id]
     mirrored = 2 * first[ring_id] + sizes[ring_id] - 1 - position
     coords = coords[np.where(reverse, mirrored, position)]
     inv = _inverse_geotransform(grid.transform)
@@ -476,6 +470,53 @@ def rasterize(
     lengths = np.empty(offsets[-1], np.int32)
     _rasterize_fill(xs, ys, ring_ends, coord_off, height, width, bool(all_touched), offsets, starts, lengths)
     return offsets, starts, lengths
+
+
+def _rings(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every polygon ring, grouped by parcel: (xy coordinates, ring sizes, parcel of each ring).
+
+    Polygons without holes, most parcels, come straight from shapely's flat coordinate array;
+    only multipolygons and polygons with holes are split into parts and rings. Empty and
+    non-polygonal parts contribute no ring.
+    """
+    sizes = shapely.get_num_coordinates(geoms)
+    simple = (shapely.get_type_id(geoms) == 3) & (shapely.get_num_interior_rings(geoms) == 0) & (sizes > 0)
+    if simple.all():
+        return shapely.get_coordinates(geoms), sizes.astype(np.int64), np.arange(len(geoms))
+    plain = np.flatnonzero(simple)
+    complex_ = np.flatnonzero(~simple)
+    parts, part_of = shapely.get_parts(geoms[complex_], return_index=True)
+    polygonal = shapely.get_type_id(parts) == 3
+    parts, part_of = parts[polygonal], part_of[polygonal]
+    rings, ring_of = shapely.get_rings(parts, return_index=True)
+    ring_sizes = shapely.get_num_coordinates(rings)
+    ring_parcel = np.concatenate([plain, complex_[part_of[ring_of]][ring_sizes > 0]])
+    ring_sizes = np.concatenate([sizes[plain], ring_sizes[ring_sizes > 0]]).astype(np.int64)
+    coords = np.concatenate([shapely.get_coordinates(geoms[plain]), shapely.get_coordinates(rings)])
+    # Reorder whole rings so each parcel's rings are contiguous, in parcel order.
+    order = np.argsort(ring_parcel, kind="stable")
+    old_first = np.concatenate([[0], np.cumsum(ring_sizes)[:-1]])[order]
+    ring_sizes = ring_sizes[order]
+    new_first = np.concatenate([[0], np.cumsum(ring_sizes)[:-1]])
+    gather = np.repeat(old_first - new_first, ring_sizes) + np.arange(int(ring_sizes.sum()))
+    return coords[gather], ring_sizes, ring_parcel[order]
+
+
+def _signed_areas(coords: np.ndarray, first: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Shoelace area of each closed ring, positive when counter-clockwise.
+
+    Each ring is shifted to its first vertex so the products stay small and the sign exact
+    even for slivers far from the origin.
+    """
+    if not len(sizes):
+        return np.zeros(0)
+    ring_id = np.repeat(np.arange(len(sizes)), sizes)
+    local = coords - coords[first][ring_id]
+    x, y = local[:, 0], local[:, 1]
+    cross = np.zeros(len(coords))
+    cross[:-1] = x[:-1] * y[1:] - x[1:] * y[:-1]
+    cross[first + sizes - 1] = 0.0  # the step from a ring's last vertex into the next ring
+    return np.add.reduceat(cross, first) / 2.0
 
 
 # Prepared parcels ----------------------------------------------------------------------------
@@ -568,7 +609,7 @@ def _prepare(parcels: gpd.GeoDataFrame, source: np.ndarray, block_parcels: int) 
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"v{INDEX_FORMAT}|{crs}|{block_parcels}|{len(pids)}".encode())
     digest.update(pids.tobytes())
-    digest.update(b"".join(shapely.to_wkb(geoms, byte_order=1, include_srid=False)))
+    _hash_geometries(digest, geoms)
     # Row blocks: sort by the parcel's centre y (north first) and cut every block_parcels.
     bounds = shapely.bounds(geoms)
     centre_y = np.nan_to_num((bounds[:, 1] + bounds[:, 3]) / 2.0, nan=-np.inf)
@@ -577,6 +618,18 @@ def _prepare(parcels: gpd.GeoDataFrame, source: np.ndarray, block_parcels: int) 
     blocks = [order[i : i + step] for i in range(0, len(order), step)]
     block_bounds = [_bounds_of(bounds[b]) for b in blocks]
     return PreparedParcels(pids, geoms, source, crs, digest.hexdigest(), blocks, block_bounds, repaired)
+
+
+def _hash_geometries(digest: Any, geoms: np.ndarray) -> None:
+    """Feed the geometries' content to a hash: type and coordinates of each polygon without
+    holes (they determine it), the WKB of the rest. Much faster than hashing every WKB."""
+    types = shapely.get_type_id(geoms)
+    sizes = shapely.get_num_coordinates(geoms)
+    simple = (types == 3) & (shapely.get_num_interior_rings(geoms) == 0)
+    digest.update(types.astype(np.int8).tobytes())
+    digest.update(sizes.astype(np.int64).tobytes())
+    digest.update(shapely.get_coordinates(geoms[simple]).tobytes())
+    digest.update(b"".join(shapely.to_wkb(geoms[~simple], byte_order=1, include_srid=False)))
 
 
 def _bounds_of(bounds: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -998,18 +1051,18 @@ def clear_fraction(hist: np.ndarray | pd.DataFrame) -> np.ndarray:
 
 def stats_frame(pids: np.ndarray, obsid: str, band: str, stats: np.ndarray) -> pd.DataFrame:
     """Tidy signature rows (model.SIGNATURE_COLUMNS) of one band of one scene."""
-    frame = pd.DataFrame({"pid": np.asarray(pids, np.int64), "obsid": obsid, "band": band})
+    columns = {"pid": np.asarray(pids, np.int64), "obsid": obsid, "band": band}
     for c, name in enumerate(STATS):
-        frame[name] = stats[:, c].astype(np.int64) if name == "count" else stats[:, c]
-    return frame
+        columns[name] = stats[:, c].astype(np.int64) if name == "count" else stats[:, c]
+    return pd.DataFrame(columns, copy=False)
 
 
 def scl_frame(pids: np.ndarray, obsid: str, hist: np.ndarray) -> pd.DataFrame:
     """SCL rows (model.SCL_COLUMNS): pid, obsid, hist_0..hist_11; see clear_fraction()."""
-    frame = pd.DataFrame({"pid": np.asarray(pids, np.int64), "obsid": obsid})
+    columns = {"pid": np.asarray(pids, np.int64), "obsid": obsid}
     for c, name in enumerate(HIST_COLUMNS):
-        frame[name] = hist[:, c].astype(np.int64)
-    return frame
+        columns[name] = hist[:, c].astype(np.int64)
+    return pd.DataFrame(columns, copy=False)
 
 
 # Scene driver --------------------------------------------------------------------------------
