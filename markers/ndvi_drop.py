@@ -28,12 +28,18 @@ DEFAULTS = {
 def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
     p = DEFAULTS | dict(params)
     ndvi = _clear_ndvi(series, p)
-    results = []
-    by_pid = dict(tuple(ndvi.groupby("pid", sort=False))) if len(ndvi) else {}
-    for pid in series.parcels["pid"].to_numpy():
-        obs = by_pid.get(pid)
-        results.append(_assess(int(pid), obs, p))
-    return results
+    # Whole columns to numpy once; each parcel then only slices its own rows.
+    pids = ndvi["pid"].to_numpy(np.int64)
+    values = ndvi["ndvi"].to_numpy(np.float64)
+    days = ndvi["obstime"].to_numpy("datetime64[ns]").astype("datetime64[D]").astype(object)
+    obsids = ndvi["obsid"].astype(str).to_numpy(object)
+    wanted = series.parcels["pid"].to_numpy(np.int64)
+    first = np.searchsorted(pids, wanted, side="left")
+    last = np.searchsorted(pids, wanted, side="right")
+    return [
+        _assess(int(pid), values[a:b], days[a:b], obsids[a:b], p)
+        for pid, a, b in zip(wanted, first, last, strict=True)
+    ]
 
 
 def _clear_ndvi(series: TimeSeries, p: Mapping[str, Any]) -> pd.DataFrame:
@@ -54,8 +60,11 @@ def _clear_ndvi(series: TimeSeries, p: Mapping[str, Any]) -> pd.DataFrame:
     return wide.sort_values(["pid", "obstime"], ignore_index=True)[["pid", "obsid", "obstime", "ndvi"]]
 
 
-def _assess(pid: int, obs: pd.DataFrame | None, p: Mapping[str, Any]) -> MarkerResult:
-    n_clear = 0 if obs is None else len(obs)
+def _assess(
+    pid: int, ndvi: np.ndarray, days: np.ndarray, obsids: np.ndarray, p: Mapping[str, Any]
+) -> MarkerResult:
+    """One parcel's clear observations (time order): NDVI, dates, obsids."""
+    n_clear = len(ndvi)
     if n_clear < p["min_clear"]:
         return MarkerResult(
             "ndvi_drop",
@@ -63,20 +72,17 @@ def _assess(pid: int, obs: pd.DataFrame | None, p: Mapping[str, Any]) -> MarkerR
             Status.NOT_VALID,
             reason=f"{n_clear} clear Sentinel-2 observation(s), at least {p['min_clear']} needed",
             values={"clear_observations": n_clear},
-            obsids=tuple(obs["obsid"]) if obs is not None else (),
+            obsids=tuple(obsids),
         )
-    ndvi = obs["ndvi"].to_numpy()
-    times = obs["obstime"].to_numpy()
-    obsids = obs["obsid"].to_numpy()
     drops = ndvi[:-1] - ndvi[1:]
     events = [
         Event(
-            start=pd.Timestamp(times[i]).date(),
-            main=pd.Timestamp(times[i + 1]).date(),
-            end=pd.Timestamp(times[i + 1]).date(),
+            start=days[i],
+            main=days[i + 1],
+            end=days[i + 1],
             magnitude=float(drops[i]),
             confidence=float(min(1.0, drops[i] / (2 * p["min_drop"]))),
-            obsids=(str(obsids[i]), str(obsids[i + 1])),
+            obsids=(obsids[i], obsids[i + 1]),
             kind="ndvi_drop",
         )
         for i in np.flatnonzero(drops >= p["min_drop"])
@@ -89,5 +95,5 @@ def _assess(pid: int, obs: pd.DataFrame | None, p: Mapping[str, Any]) -> MarkerR
         events=events,
         values={"clear_observations": n_clear, "ndvi_max": float(ndvi.max()), "ndvi_min": float(ndvi.min())},
         confidence=confidence,
-        obsids=tuple(map(str, obsids)),
+        obsids=tuple(obsids),
     )
