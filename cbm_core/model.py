@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import date
 from enum import StrEnum
 from typing import Any
@@ -264,7 +264,7 @@ def results_frame(results: Iterable[MarkerResult]) -> pd.DataFrame:
             "pid": int(r.pid),
             "status": str(r.status),
             "reason": r.reason,
-            "events": json.dumps([_jsonable(asdict(e)) for e in r.events]),
+            "events": json.dumps([_event_json(e) for e in r.events]),
             "values": json.dumps(_jsonable(r.values)),
             "confidence": np.nan if r.confidence is None else float(r.confidence),
             "obsids": json.dumps(list(r.obsids)),
@@ -282,6 +282,19 @@ def verdicts_frame(verdicts: Iterable[Verdict], parcels: gpd.GeoDataFrame) -> gp
     ).astype({"pid": "int64"})
     declared = parcels[["pid", "crop_code", "crop_name", "geometry"]]
     return gpd.GeoDataFrame(declared.merge(table, on="pid", how="inner"), crs=parcels.crs)
+
+
+def _event_json(event: Event) -> dict[str, Any]:
+    """An event as JSON-ready values (dataclasses.asdict deep-copies: slow for millions)."""
+    return {
+        "start": _jsonable(event.start),
+        "main": _jsonable(event.main),
+        "end": _jsonable(event.end),
+        "magnitude": _jsonable(event.magnitude),
+        "confidence": _jsonable(event.confidence),
+        "obsids": [str(o) for o in event.obsids],
+        "kind": event.kind,
+    }
 
 
 def _jsonable(value: Any) -> Any:
