@@ -476,16 +476,20 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
                 "date_part": hists["epoch"].to_numpy()[order], "hist": [hists["hist"].iloc[i] for i in order],
                 "obsid": hists["obsid"].to_numpy()[order],
             })  # fmt: skip
+        # Plain numpy on positions (no pandas reindex or masks): this is the hottest endpoint.
         stats = signatures.stats
-        scene = scenes.reindex(stats["obsid"].to_numpy())
-        mask = (scene["card"] == card).to_numpy()
-        stats, scene = stats[mask], scene[mask]
-        order = np.lexsort((stats["band"].to_numpy(), scene["epoch"].to_numpy()))
-        data = {"date_part": scene["epoch"].to_numpy()[order], "band": stats["band"].to_numpy()[order]}
+        obsid = stats["obsid"].to_numpy()
+        at = scenes.index.get_indexer(obsid)
+        keep = np.flatnonzero(at >= 0)
+        keep = keep[scenes["card"].to_numpy()[at[keep]] == card]
+        epoch, band = scenes["epoch"].to_numpy()[at[keep]], stats["band"].to_numpy()[keep]
+        order = np.lexsort((band, epoch))
+        rows = keep[order]
+        data = {"date_part": epoch[order], "band": band[order]}
         for name in TS_COLUMNS[2:]:
-            data[name] = stats[name].to_numpy()[order]
-        data["obsid"] = stats["obsid"].to_numpy()[order]
-        data["orbit"] = scene["orbit"].to_numpy()[order]
+            data[name] = stats[name].to_numpy()[rows]
+        data["obsid"] = obsid[rows]
+        data["orbit"] = scenes["orbit"].to_numpy()[at[rows]]
         if hists is not None:
             lookup = dict(zip(hists["obsid"], hists["hist"], strict=True))
             data["hist"] = [lookup.get(o) for o in data["obsid"]]
