@@ -2,8 +2,10 @@
 
 Two kinds of unit, both idempotent so any of them may run twice (a killed worker, a re-run):
 
-* one scene: a worker reads the parcels and catalogue once (cached per process), extracts the
-  scene and writes it to the store itself, so signatures never travel through the scheduler;
+* one scene: a worker reads the catalogue once (cached per process) and only the parcels within
+  the scene's footprint (the last few footprints cached), extracts the scene and writes it to the
+  store itself, so signatures never travel through the scheduler and a worker's memory is bounded
+  by one footprint's parcels, not the country's;
 * one marker partition: a contiguous pid range, read from the store on the worker and scored
   there; only the small results come back, so a worker's memory is bounded by the partition
   size, not the country.
@@ -12,21 +14,25 @@ The driver keeps a bounded number of units in flight. When the store can claim s
 (cbm_store_claim, e.g. PostGIS with SKIP LOCKED), the driver claims each scene before submitting
 it, so several runs sharing one catalogue never extract the same scene; scenes another run holds
 are waited for, then taken over when that run's lease expires. A unit that fails every retry is
-recorded with its reason and the run goes on.
+recorded with its reason and the run goes on; its claim is given back (cbm_store_release), as are
+all this run's unfinished claims when the run stops early (lost scheduler, Ctrl-C, an error), so a
+re-run takes those scenes at once instead of waiting for the lease.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
 from typing import Any
 
 import geopandas as gpd
@@ -54,10 +60,16 @@ from cbm_core.plugins import load_plugins
 CLAIM_CHUNK = 64  # scenes offered per claim call: one round trip, whatever the catalogue size
 CLAIM_POLL = 5.0  # seconds between looks at scenes another run is extracting
 SCENE_COLUMNS = ["obsid", "obstime", "card", "orbit"]  # what marker units need of the catalogue
+PARCEL_CACHE = 2  # footprints whose parcels a worker keeps: units in a row often share a tile
+SCHEDULER_LOST = (
+    "the dask scheduler dropped this run's work (restarted or unreachable); "
+    "run again to resume: stored scenes are skipped"
+)
 
 # Plugins registered by hand in the driver (not built-in, not entry points): (name, module) pairs
 # that workers import and register too, so a worker runs exactly the driver's plugins.
 PluginSpec = tuple[tuple[str, str], ...]
+Box = tuple[float, float, float, float]
 
 
 class UnitFailed(Exception):
@@ -76,7 +88,7 @@ def run_distributed(
     parcels = engine.parcels(config.source)
     catalogue = engine.catalogue(config.source)
     quiet = engine._progress_disabled
-    with connect(cluster) as client:
+    with connect(cluster) as client, scheduler_lost_is_an_error(client):
         link = client.dashboard_link
         if not quiet:
             print(f"dask dashboard: {link}", file=sys.stderr)
@@ -128,6 +140,31 @@ def connect(cluster: ClusterConfig | Any) -> Iterator[Any]:
         yield client
 
 
+@contextlib.contextmanager
+def scheduler_lost_is_an_error(client: Any) -> Iterator[None]:
+    """Turn the errors a vanished scheduler raises into one CbmError saying to run again.
+
+    Depending on when the scheduler goes, the client cancels the futures (see _unit_error) or a
+    call raises CommClosedError, OSError, TimeoutError or CancelledError; such errors seen while
+    the client is connected are not the scheduler's and pass unchanged.
+    """
+    from distributed.comm.core import CommClosedError
+
+    try:
+        yield
+    except (OSError, TimeoutError, CancelledError, CbmError) as exc:
+        if not isinstance(exc, CommClosedError) and client.status == "running":
+            raise
+        client_log = logging.getLogger("distributed.client")
+        level = client_log.level
+        client_log.setLevel(logging.CRITICAL)  # its reconnect loop, cut short, logs a stray traceback
+        try:
+            client.close()
+        finally:
+            client_log.setLevel(level)
+        raise CbmError(SCHEDULER_LOST) from None
+
+
 def plugin_spec(engine: Engine) -> PluginSpec:
     """The driver's hand-registered plugins, by importable module name, for the workers to load."""
     extras = []
@@ -147,7 +184,8 @@ def plugin_spec(engine: Engine) -> PluginSpec:
 
 _LOCK = threading.Lock()
 _ENGINES: dict[PluginSpec, Engine] = {}
-_SOURCE: dict[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]] = {}  # one entry: the last source read
+_CATALOGUE: dict[str, gpd.GeoDataFrame] = {}  # one entry: the last run configuration's catalogue
+_PARCELS: OrderedDict[tuple[str, Box | None], gpd.GeoDataFrame] = OrderedDict()  # LRU by footprint
 
 
 def worker_engine(spec: PluginSpec) -> Engine:
@@ -162,24 +200,54 @@ def worker_engine(spec: PluginSpec) -> Engine:
         return _ENGINES[spec]
 
 
-def worker_source(engine: Engine, config: RunConfig) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
-    """Parcels and catalogue, read once per worker process and run configuration (path + mtime)."""
+def _source_key(config: RunConfig) -> str:
+    """A run configuration's source: its file (path + mtime) and source options."""
     stamp = config.path.stat().st_mtime_ns if config.path.exists() else 0
-    key = f"{config.path}:{stamp}:{sorted(config.source.options.items())!r}"
+    return f"{config.path}:{stamp}:{sorted(config.source.options.items())!r}"
+
+
+def worker_catalogue(engine: Engine, config: RunConfig) -> gpd.GeoDataFrame:
+    """The catalogue, read once per worker process and run configuration."""
+    key = _source_key(config)
     with _LOCK:
-        if key not in _SOURCE:
-            _SOURCE.clear()  # keep one source: a worker serving runs one after another stays bounded
-            _SOURCE[key] = (engine.parcels(config.source), engine.catalogue(config.source))
-        return _SOURCE[key]
+        if key not in _CATALOGUE:
+            _CATALOGUE.clear()  # keep one: a worker serving runs one after another stays bounded
+            _CATALOGUE[key] = engine.catalogue(config.source)
+        return _CATALOGUE[key]
+
+
+def scene_parcels(engine: Engine, config: RunConfig, bbox: Box | None) -> gpd.GeoDataFrame:
+    """The parcels a footprint's bbox (EPSG:4326; None: all) touches, the last PARCEL_CACHE kept."""
+    key = (_source_key(config), bbox)
+    with _LOCK:
+        if key in _PARCELS:
+            _PARCELS.move_to_end(key)
+            return _PARCELS[key]
+        _PARCELS[key] = parcels = engine.parcels(config.source, bbox)
+        while len(_PARCELS) > PARCEL_CACHE:
+            _PARCELS.popitem(last=False)
+        return parcels
+
+
+def footprint_bbox(scene: gpd.GeoDataFrame) -> Box | None:
+    """The EPSG:4326 bounds of a one-scene catalogue's footprint; None when it has none."""
+    footprints = (
+        scene.geometry if scene.crs is None or scene.crs.to_epsg() == 4326 else scene.to_crs(4326).geometry
+    )
+    footprint = footprints.iloc[0]
+    if footprint is None or footprint.is_empty:
+        return None
+    return tuple(float(v) for v in footprint.bounds)
 
 
 def extract_unit(spec: PluginSpec, config: RunConfig, obsid: str) -> dict[str, Any]:
     """Extract one scene and write it to the store; raise UnitFailed so dask retries a failure."""
     engine = worker_engine(spec)
-    parcels, catalogue = worker_source(engine, config)
+    catalogue = worker_catalogue(engine, config)
     scene = catalogue[catalogue["obsid"] == obsid]
     if scene.empty:
         raise UnitFailed(f"scene {obsid} is not in the catalogue any more")
+    parcels = scene_parcels(engine, config, footprint_bbox(scene))
     _, report = engine.extract(parcels, scene, config.extract, config.source, config.store, force=True)
     if obsid in report.failed:
         raise UnitFailed(report.failed[obsid])
@@ -188,20 +256,23 @@ def extract_unit(spec: PluginSpec, config: RunConfig, obsid: str) -> dict[str, A
 
 def marker_unit(
     spec: PluginSpec, store: PluginConfig, scheme: Scheme, parcels: gpd.GeoDataFrame, scenes: pd.DataFrame
-) -> dict[str, list[MarkerResult]]:
-    """Every marker over one pid range, its signatures read from the store here on the worker."""
+) -> dict[str, pd.DataFrame]:
+    """Every marker over one pid range, its signatures read from the store here on the worker.
+
+    Results come back as tables (built here, in parallel, and cheap to send), not objects.
+    """
     engine = worker_engine(spec)
     stored = engine.read_store(store, pids=parcels["pid"].tolist())
     series = time_series(stored, scenes, parcels)
-    out: dict[str, list[MarkerResult]] = {}
+    out: dict[str, pd.DataFrame] = {}
     for config in scheme.markers:
         call = engine.plugins.caller(config.plugin, "cbm_marker_run", config.where)
         name = marker_name(config)
-        out[name] = [
+        out[name] = results_frame(
             r
             for batch in _pid_batches(series, MARKER_BATCH)
             for r in _run_isolated(call, name, batch, config.params)
-        ]
+        )
     return out
 
 
@@ -214,6 +285,7 @@ class SceneQueue:
     def __init__(self, pending: Sequence[str], claim: Callable[..., str | None] | None, store, run_id: str):
         self.pending = deque(pending)
         self.held: list[str] = []  # claimed by another run (or finished by it meanwhile)
+        self.claimed: set[str] = set()  # claimed by this run and not stored or given back yet
         self.claim, self.store, self.run_id = claim, store, run_id
 
     def take(self) -> str | None:
@@ -224,6 +296,7 @@ class SceneQueue:
             won = self.claim(config=self.store, obsids=chunk, worker=self.run_id)
             if won is not None:
                 self.pending.remove(won)
+                self.claimed.add(won)
                 return won
             self.held.extend(self.pending.popleft() for _ in chunk)
         return None
@@ -255,9 +328,26 @@ def extract_scenes(
     stored = set() if force else engine._stored_obsids(config.store)
     report.skipped = [o for o in wanted if o in stored]
     store = config.store
-    can_claim = not force and "cbm_store_claim" in engine.plugins.infos[store.plugin].hooks
+    hooks = engine.plugins.infos[store.plugin].hooks
+    can_claim = not force and "cbm_store_claim" in hooks
     claim = engine.plugins.caller(store.plugin, "cbm_store_claim", store.where) if can_claim else None
     queue = SceneQueue([o for o in wanted if o not in stored], claim, store, run_id)
+    release = (
+        engine.plugins.caller(store.plugin, "cbm_store_release", store.where)
+        if can_claim and "cbm_store_release" in hooks
+        else None
+    )
+
+    def give_back(obsids: Sequence[str], reason: str) -> None:
+        """Release claims so a re-run takes these scenes now; if the store is down, they lapse."""
+        queue.claimed.difference_update(obsids)
+        if release is None or not obsids:
+            return
+        try:
+            release(config=store, obsids=list(obsids), worker=run_id, reason=reason)
+        except CbmError as exc:
+            print(f"cbm: warning: claims kept until their lease ends ({exc})", file=sys.stderr)
+
     window = 2 * max(1, sum(client.nthreads().values()))
     flying: dict[Any, str] = {}
     finished = as_completed()
@@ -272,38 +362,45 @@ def extract_scenes(
             flying[future] = obsid
             finished.add(future)
 
-    fill()
     deadline = None
-    with bar:
-        while flying or queue.held:
-            if not flying:  # all that is left is being extracted by another run
-                deadline = deadline or time.monotonic() + options.claim_wait
-                if time.monotonic() >= deadline:
-                    for obsid in queue.held:
-                        reason = f"claimed by another run and not stored within {options.claim_wait:g} s"
-                        report.failed[obsid] = reason
-                        failed_units.append({"unit": f"scene {obsid}", "reason": reason})
-                    break
-                time.sleep(min(CLAIM_POLL, options.claim_wait))
-                done = queue.recheck(engine._stored_obsids(store))
-                report.skipped += done
-                bar.update(len(done))
+    try:
+        fill()
+        with bar:
+            while flying or queue.held:
+                if not flying:  # all that is left is being extracted by another run
+                    deadline = deadline or time.monotonic() + options.claim_wait
+                    if time.monotonic() >= deadline:
+                        for obsid in queue.held:
+                            reason = f"claimed by another run and not stored within {options.claim_wait:g} s"
+                            report.failed[obsid] = reason
+                            failed_units.append({"unit": f"scene {obsid}", "reason": reason})
+                        break
+                    time.sleep(min(CLAIM_POLL, options.claim_wait))
+                    done = queue.recheck(engine._stored_obsids(store))
+                    report.skipped += done
+                    bar.update(len(done))
+                    fill()
+                    continue
+                future = next(finished)
+                obsid = flying.pop(future)
+                if future.status == "finished":
+                    out = future.result()
+                    queue.claimed.discard(obsid)  # stored by the unit
+                    report.extracted.append(obsid)
+                    report.rows += out["rows"]
+                    report.failed_parcels += out["failed_parcels"]
+                else:
+                    reason = _unit_error(future)
+                    give_back([obsid], reason)
+                    report.failed[obsid] = reason
+                    failed_units.append({"unit": f"scene {obsid}", "reason": reason})
+                future.release()
+                bar.update()
                 fill()
-                continue
-            future = next(finished)
-            obsid = flying.pop(future)
-            if future.status == "finished":
-                out = future.result()
-                report.extracted.append(obsid)
-                report.rows += out["rows"]
-                report.failed_parcels += out["failed_parcels"]
-            else:
-                reason = _unit_error(future)
-                report.failed[obsid] = reason
-                failed_units.append({"unit": f"scene {obsid}", "reason": reason})
-            future.release()
-            bar.update()
-            fill()
+    except BaseException as exc:  # lost scheduler, Ctrl-C, a bug: free what this run still holds
+        why = _describe(exc) if str(exc) else type(exc).__name__
+        give_back(sorted(queue.claimed), f"run {run_id} stopped before storing it ({why})")
+        raise
     return report, failed_units
 
 
@@ -325,7 +422,7 @@ def score_partitions(
     size = options.partition_size
     starts = list(range(0, len(ordered), size))
     scenes = client.scatter(pd.DataFrame(catalogue[SCENE_COLUMNS]), broadcast=True, hash=False)
-    parts: dict[int, dict[str, list[MarkerResult]]] = {}
+    parts: dict[int, dict[str, pd.DataFrame]] = {}
     failed_units: list[dict[str, str]] = []
     window = 2 * max(1, sum(client.nthreads().values()))
     todo = deque(enumerate(starts))
@@ -356,25 +453,22 @@ def score_partitions(
                 pids = chunk["pid"]
                 failed_units.append({"unit": f"markers pid {pids.iloc[0]}-{pids.iloc[-1]}", "reason": reason})
                 parts[index] = {
-                    name: [MarkerResult(name, int(p), Status.NOT_EXECUTED, reason=reason) for p in pids]
+                    name: results_frame(
+                        MarkerResult(name, int(p), Status.NOT_EXECUTED, reason=reason) for p in pids
+                    )
                     for name in scheme.marker_names
                 }
             future.release()
             bar.update()
             fill()
-    return (
-        results_frame(r for name in scheme.marker_names for i in range(len(starts)) for r in parts[i][name]),
-        failed_units,
-    )
+    frames = [parts[i][name] for name in scheme.marker_names for i in range(len(starts))]
+    return (pd.concat(frames, ignore_index=True) if frames else results_frame([]), failed_units)
 
 
 def _unit_error(future: Any) -> str:
     """Why a unit failed after its retries; a lost scheduler stops the run (it can be resumed)."""
     if future.status == "cancelled":
-        raise CbmError(
-            "the dask scheduler dropped this run's work (restarted or unreachable); "
-            "run again to resume: stored scenes are skipped"
-        )
+        raise CbmError(SCHEDULER_LOST)
     exc = future.exception()
     if type(exc).__name__ == "KilledWorker":
         return f"the worker running it died on every attempt ({exc})"

@@ -29,8 +29,10 @@ impl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec(firstresult=True)
-def cbm_source_parcels(config: PluginConfig) -> gpd.GeoDataFrame:
-    """Return the declared parcels (pid, crop_code, crop_name, geometry) with their CRS."""
+def cbm_source_parcels(
+    config: PluginConfig, bbox: tuple[float, float, float, float] | None = None
+) -> gpd.GeoDataFrame:
+    """Return the parcels (pid, crop_code, crop_name, geometry); bbox (EPSG:4326): at least those it hits."""
 
 
 @hookspec(firstresult=True)
@@ -90,6 +92,11 @@ def cbm_store_obsids(config: PluginConfig) -> set[str]:
 @hookspec(firstresult=True)
 def cbm_store_claim(config: PluginConfig, obsids: Sequence[str], worker: str) -> str | None:
     """Atomically claim one of obsids that no other worker holds, so parallel workers never share a scene."""
+
+
+@hookspec(firstresult=True)
+def cbm_store_release(config: PluginConfig, obsids: Sequence[str], worker: str, reason: str) -> int:
+    """Give back scenes this worker claimed but did not store, so a re-run need not wait for the lease."""
 
 
 # Markers -------------------------------------------------------------------------------------

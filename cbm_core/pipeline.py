@@ -85,9 +85,14 @@ class Engine:
 
     # Sources -----------------------------------------------------------------------------------
 
-    def parcels(self, source: PluginConfig) -> gpd.GeoDataFrame:
-        """The declared parcels, validated (unique integer pids, CRS, repaired geometries)."""
-        frame = self.plugins.caller(source.plugin, "cbm_source_parcels", source.where)(config=source)
+    def parcels(
+        self, source: PluginConfig, bbox: tuple[float, float, float, float] | None = None
+    ) -> gpd.GeoDataFrame:
+        """The declared parcels, validated (unique integer pids, CRS, repaired geometries); with a
+        bbox (EPSG:4326) at least those it touches, so a worker need not hold a whole country."""
+        frame = self.plugins.caller(source.plugin, "cbm_source_parcels", source.where)(
+            config=source, bbox=bbox
+        )
         return validate_parcels(frame, f"parcels from {source.where} plugin '{source.plugin}'")
 
     def catalogue(self, source: PluginConfig) -> gpd.GeoDataFrame:

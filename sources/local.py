@@ -7,12 +7,15 @@ CSV); optional columns: card, orbit_direction (or orbit), nodata, scale, offset,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
+import pyarrow.parquet as pq
+import pyogrio
 import shapely
-from pyproj import CRS
+from pyproj import CRS, Transformer
 
 from cbm_core import impl
 from cbm_core.catalogue import catalogue_frame, scenes_from_band_rows
@@ -25,13 +28,16 @@ PARCEL_SUFFIXES = {".gpkg", ".parquet", ".geoparquet", ".shp", ".geojson", ".jso
 
 
 @impl
-def cbm_source_parcels(config: PluginConfig) -> gpd.GeoDataFrame:
+def cbm_source_parcels(
+    config: PluginConfig, bbox: tuple[float, float, float, float] | None = None
+) -> gpd.GeoDataFrame:
     return read_parcel_file(
         config.path("parcels"),
         layer=config.get("layer"),
         pid_column=config.get("pid_column", "pid"),
         crop_code_column=config.get("crop_code_column"),
         crop_name_column=config.get("crop_name_column"),
+        bbox=bbox,
     )
 
 
@@ -53,8 +59,13 @@ def read_parcel_file(
     pid_column: str = "pid",
     crop_code_column: str | None = None,
     crop_name_column: str | None = None,
+    bbox: tuple[float, float, float, float] | None = None,
 ) -> gpd.GeoDataFrame:
-    """Read a parcel file and map its columns onto the parcel model (pid, crop_code, crop_name)."""
+    """Read a parcel file and map its columns onto the parcel model (pid, crop_code, crop_name).
+
+    With bbox (EPSG:4326), only the parcels whose extent meets it are kept (read through the file's
+    spatial index; a GeoParquet file without a bbox column is read whole, then filtered).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"parcel file not found: {path}")
@@ -64,9 +75,10 @@ def read_parcel_file(
         )
     try:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
-            frame = gpd.read_parquet(path)
+            frame = _read_geoparquet(path, bbox)
         else:
-            frame = gpd.read_file(path, layer=layer)
+            crs = pyogrio.read_info(path, layer=layer)["crs"] if bbox is not None else None
+            frame = gpd.read_file(path, layer=layer, bbox=_bbox_in(bbox, crs))
     except Exception as exc:  # pyogrio/pyarrow raise many types for unreadable files
         raise InputError(f"{path}: cannot read parcels ({exc})") from None
     columns = {"pid": pid_column, "crop_code": crop_code_column, "crop_name": crop_name_column}
@@ -88,6 +100,33 @@ def read_parcel_file(
         crs=frame.crs,
     )
     return validate_parcels(parcels, str(path))
+
+
+def _bbox_in(
+    bbox: tuple[float, float, float, float] | None, crs: str | dict | None
+) -> tuple[float, float, float, float] | None:
+    """A WGS84 box in a file's CRS, edges densified so it covers the whole box (None: no filter)."""
+    if bbox is None or crs is None:
+        return None  # a file without a CRS cannot be filtered safely: read it all
+    target = CRS.from_user_input(crs)
+    if target.equals(CRS.from_epsg(4326), ignore_axis_order=True):
+        return tuple(bbox)
+    return Transformer.from_crs("EPSG:4326", target, always_xy=True).transform_bounds(*bbox, densify_pts=21)
+
+
+def _read_geoparquet(path: Path, bbox: tuple[float, float, float, float] | None) -> gpd.GeoDataFrame:
+    """A GeoParquet file, filtered on its bbox covering column when it has one, else after reading."""
+    if bbox is None:
+        return gpd.read_parquet(path)
+    geo = json.loads(pq.read_schema(path).metadata[b"geo"])
+    column = geo["columns"][geo["primary_column"]]
+    box = _bbox_in(bbox, column.get("crs", "OGC:CRS84"))  # PROJJSON; a null crs is unknown
+    if box is None:
+        return gpd.read_parquet(path)
+    if "covering" in column:
+        return gpd.read_parquet(path, bbox=box)
+    frame = gpd.read_parquet(path)
+    return frame[frame.intersects(shapely.box(*box))]
 
 
 def read_catalogue_csv(path: Path) -> gpd.GeoDataFrame:

@@ -5,7 +5,8 @@ with obsid = dias_catalogue.id; SCL histograms as JSON), so an existing paying-a
 plugs in as it is. Writes go through binary COPY inside one transaction per batch of scenes, and
 a lost connection (database restart, failover) is retried from the start of that transaction, so
 rows are never lost or duplicated. Scenes are claimed with FOR UPDATE SKIP LOCKED so any number
-of workers can share one catalogue. Options (in [source] or [store]):
+of workers can share one catalogue; a claim given back (the scene failed, the run stopped) leaves
+the job 'failed' with its reason, claimable again at once. Options (in [source] or [store]):
 
 dsn (or the environment variable named by dsn_env, default CBM_PG_DSN), schema, catalogue_table,
 parcels_table, id_column, crop_code_column, crop_name_column, geometry_column, signatures_table,
@@ -268,20 +269,33 @@ def init_database(config: PluginConfig) -> list[str]:
 
 
 @impl
-def cbm_source_parcels(config: PluginConfig) -> gpd.GeoDataFrame:
+def cbm_source_parcels(
+    config: PluginConfig, bbox: tuple[float, float, float, float] | None = None
+) -> gpd.GeoDataFrame:
     names = tables(config)
-    query = sql.SQL(
-        "SELECT {id}, {code}::text, {name}::text, ST_AsBinary({geom}), ST_SRID({geom}) FROM {t}"
-    ).format(
-        id=sql.Identifier(names.id_column),
-        code=sql.Identifier(names.crop_code_column),
-        name=sql.Identifier(names.crop_name_column),
-        geom=sql.Identifier(names.geometry_column),
-        t=names.ident(names.parcels),
-    )
-    query = query + sql.SQL(" ORDER BY {}").format(sql.Identifier(names.id_column))
+    ident = {
+        "id": sql.Identifier(names.id_column),
+        "code": sql.Identifier(names.crop_code_column),
+        "name": sql.Identifier(names.crop_name_column),
+        "geom": sql.Identifier(names.geometry_column),
+        "t": names.ident(names.parcels),
+    }
+    text = "SELECT {id}, {code}::text, {name}::text, ST_AsBinary({geom}), ST_SRID({geom}) FROM {t}"
+    params: dict[str, float] = {}
+    if bbox is not None:
+        # The box's edges are densified before reprojection so that the reprojected box still covers
+        # every parcel the WGS84 box touches; && then uses the parcels' GiST index.
+        text += (
+            " WHERE {geom} && ST_Transform(ST_Segmentize("
+            "ST_MakeEnvelope(%(minx)s, %(miny)s, %(maxx)s, %(maxy)s, 4326), %(step)s),"
+            " (SELECT ST_SRID({geom}) FROM {t} WHERE {geom} IS NOT NULL LIMIT 1))"
+        )
+        minx, miny, maxx, maxy = (float(v) for v in bbox)
+        step = max(maxx - minx, maxy - miny, 1e-6) / 20
+        params = {"minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy, "step": step}
+    query = sql.SQL(text + " ORDER BY {id}").format(**ident)
     pid, code, name, wkb, srid = [], [], [], [], set()
-    for chunk in _stream(config, query, ()):
+    for chunk in _stream(config, query, params):
         for row in chunk:
             pid.append(row[0])
             code.append(row[1] or "")
@@ -590,7 +604,8 @@ def _copy_scenes(
     cur.execute(
         sql.SQL(
             "INSERT INTO {jobs} (dataset, catalogue_id, status) SELECT %s, unnest(%s::int[]), 'extracted'"
-            " ON CONFLICT (dataset, catalogue_id) DO UPDATE SET status = 'extracted', claimed_at = now()"
+            " ON CONFLICT (dataset, catalogue_id) DO UPDATE SET status = 'extracted', claimed_at = now(),"
+            " reason = NULL"
         ).format(jobs=names.ident("cbm_scene_jobs")),
         (names.dataset, scene_ids),
     )
@@ -669,11 +684,12 @@ def cbm_store_claim(config: PluginConfig, obsids: Sequence[str], worker: str) ->
         )
         cur.execute(
             sql.SQL(
-                "UPDATE {jobs} j SET status = 'inprogress', worker = %(worker)s, claimed_at = now()"
+                "UPDATE {jobs} j SET status = 'inprogress', worker = %(worker)s, claimed_at = now(),"
+                " reason = NULL"
                 " FROM {cat} c WHERE c.id = j.catalogue_id AND j.dataset = %(dataset)s AND j.catalogue_id = ("
                 "  SELECT q.catalogue_id FROM {jobs} q JOIN {cat} s ON s.id = q.catalogue_id"
                 "  WHERE q.dataset = %(dataset)s AND q.catalogue_id = ANY(%(ids)s::int[])"
-                "  AND (q.status = 'ingested' OR (q.status = 'inprogress'"
+                "  AND (q.status IN ('ingested', 'failed') OR (q.status = 'inprogress'"
                 "       AND q.claimed_at < now() - make_interval(secs => %(lease)s)))"
                 "  ORDER BY s.obstime NULLS LAST, s.id LIMIT 1 FOR UPDATE OF q SKIP LOCKED)"
                 " RETURNING c.reference"
@@ -682,6 +698,23 @@ def cbm_store_claim(config: PluginConfig, obsids: Sequence[str], worker: str) ->
         )
         row = cur.fetchone()
         return None if row is None else row[0]
+
+    return transaction(config, work)
+
+
+@impl
+def cbm_store_release(config: PluginConfig, obsids: Sequence[str], worker: str, reason: str) -> int:
+    names = tables(config)
+    query = sql.SQL(
+        "UPDATE {jobs} j SET status = 'failed', reason = %(reason)s FROM {cat} c"
+        " WHERE c.id = j.catalogue_id AND j.dataset = %(dataset)s AND c.reference = ANY(%(refs)s)"
+        " AND j.status = 'inprogress' AND j.worker = %(worker)s"
+    ).format(jobs=names.ident("cbm_scene_jobs"), cat=names.ident(names.catalogue))
+    params = {"reason": reason, "dataset": names.dataset, "refs": [str(o) for o in obsids], "worker": worker}
+
+    def work(cur: psycopg2.extensions.cursor) -> int:
+        cur.execute(query, params)
+        return cur.rowcount
 
     return transaction(config, work)
 

@@ -1,15 +1,19 @@
 """Scale-out on dask.distributed: same results as single-process, resumable, fault tolerant.
 
-One LocalCluster (2 worker processes x 1 thread) serves the whole module. The test extractor
-"slowzonal" below wraps the zonal plugin to make scenes slow (so a worker or the run can be
-killed half-way), fail, or leave a trace of every attempt; workers import it from this module.
+One LocalCluster (2 worker processes x 1 thread) serves the whole module. The test plugin
+"slowzonal" below wraps the zonal extractor to make scenes slow (so a worker or the run can be
+killed half-way), fail, or leave a trace of every attempt, and the local source to log every
+parcel read; workers import it from this module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,8 +25,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import shapely
 from click.testing import CliRunner
-from conftest import write_config
+from conftest import DEMO, write_config
 from distributed import Client, LocalCluster
 
 from cbm_core import distributed as dist
@@ -33,6 +38,7 @@ from cbm_core.errors import ConfigError, InputError
 from cbm_core.pipeline import Engine
 from cbm_core.plugins import load_plugins
 from extractors import zonal
+from sources import local
 
 SLOW = """
 [[extract]]
@@ -55,6 +61,26 @@ def cbm_extractor_extract(scene, parcels, bands, read_window, config):
     return zonal.cbm_extractor_extract(
         scene=scene, parcels=parcels, bands=bands, read_window=read_window, config=config
     )
+
+
+@impl
+def cbm_source_parcels(config, bbox=None):
+    """The local source's parcels, each read logged (its bbox and the pids returned) when asked."""
+    parcels = local.cbm_source_parcels(config=config, bbox=bbox)
+    if config.get("trace"):
+        read = {"bbox": bbox, "pids": parcels["pid"].tolist()}
+        Path(config.get("trace"), f"parcels.{uuid.uuid4().hex}").write_text(json.dumps(read))
+    return parcels
+
+
+@impl
+def cbm_source_catalogue(config):
+    return local.cbm_source_catalogue(config=config)
+
+
+@impl
+def cbm_source_read_window(config, band, bounds, crs):
+    return local.cbm_source_read_window(config=config, band=band, bounds=bounds, crs=crs)
 
 
 def test_engine() -> Engine:
@@ -266,12 +292,20 @@ def postgres():
     server.stop()
 
 
-def postgis_config(tmp_path: Path, postgres, options: str = "", lease: float = 3600):
-    """A demo run storing signatures in a fresh PostGIS schema."""
+def postgis_config(
+    tmp_path: Path,
+    postgres,
+    options: str = "",
+    lease: float = 3600,
+    schema: str | None = None,
+    more: str = "",
+):
+    """A demo run storing signatures in a PostGIS schema (a fresh one unless given)."""
     from sources.postgis import init_database
 
-    store = f'[store]\nplugin = "postgis"\ndsn = "{postgres.dsn}"\nschema = "t{uuid.uuid4().hex[:8]}"\n'
-    store += f"lease_seconds = {lease}\n"
+    schema = schema or f"t{uuid.uuid4().hex[:8]}"
+    store = f'[store]\nplugin = "postgis"\ndsn = "{postgres.dsn}"\nschema = "{schema}"\n'
+    store += f"lease_seconds = {lease}\n{more}"
     config = load_run_config(write_config(tmp_path, SLOW.format(options=options) + store))
     init_database(config.store)
     return config
@@ -324,3 +358,204 @@ def test_postgis_killed_run_resumes_after_its_claims_lapse(
     scenes = result.summary["scenes"]
     assert not scenes["failed"] and scenes["extracted"] + scenes["skipped_already_stored"] == S2_SCENES
     assert_same(outputs(config), reference)
+
+
+def test_postgis_failing_scene_is_released_for_the_next_run(client, reference, postgres, tmp_path) -> None:
+    bad = "S2A_MSIL2A_20230402_T31UFS"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = postgis_config(tmp_path / "a", postgres, f'fail = "{bad}"\n[cluster]\nretries = 0')
+    assert test_engine().run(first, cluster=client).summary["scenes"]["failed"] == {
+        bad: f"{bad}: band file is corrupt"
+    }
+    # Unreleased, the scene would stay leased for an hour and this run would give up after 5 s.
+    schema = first.store.get("schema")
+    second = postgis_config(tmp_path / "b", postgres, schema=schema, more="[cluster]\nclaim_wait = 5\n")
+    scenes = test_engine().run(second, cluster=client).summary["scenes"]
+    assert scenes["failed"] == {} and scenes["extracted"] == 1
+    assert_same(outputs(second), reference)
+
+
+def jobs(config) -> list[tuple[str, str | None]]:
+    """(status, reason) of every scene job of a PostGIS store."""
+    import psycopg2
+
+    with psycopg2.connect(config.store.get("dsn")) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT status, reason FROM "{config.store.get("schema")}".cbm_scene_jobs')
+        rows = cur.fetchall()
+    conn.close()
+    return rows
+
+
+def test_postgis_interrupted_run_releases_its_claims(client, reference, postgres, tmp_path) -> None:
+    config = postgis_config(tmp_path, postgres, "sleep = 0.4")  # a one-hour lease
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from test_distributed import test_engine; from cbm_core.config import *; "
+        f"test_engine().run(load_run_config({str(config.path)!r}), "
+        f"cluster=ClusterConfig(address={client.scheduler.address!r}))"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    try:
+        wait_until(lambda: stored_scenes(config) >= 2)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C
+        driver.wait(60)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert stored_scenes(config) < S2_SCENES, "the run was not interrupted half-way"
+    statuses = jobs(config)
+    released = [reason for status, reason in statuses if status == "failed"]
+    assert "inprogress" not in {status for status, _ in statuses} and released
+    assert all(re.fullmatch(r"run \S+ stopped before storing it \(KeyboardInterrupt\)", r) for r in released)
+    rerun = replace(config, cluster=replace(config.cluster, claim_wait=5))  # no lease to wait for
+    scenes = test_engine().run(rerun, cluster=client).summary["scenes"]
+    assert not scenes["failed"] and scenes["extracted"] + scenes["skipped_already_stored"] == S2_SCENES
+    assert_same(outputs(config), reference)
+
+
+# A real scheduler restarted mid-run ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """A dask CLI process in its own process group (a worker's nanny has children), logging to a file."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}  # slowzonal
+    with log.open("a") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args], env=env, stdout=out, stderr=out, start_new_session=True
+        )
+
+
+def start_cluster(port: int, log: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """A scheduler on port and one single-threaded worker, once the worker has joined."""
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = start(
+        ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], log
+    )
+    worker = start(
+        [
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--memory-limit",
+            "2GiB",
+        ],
+        log,
+    )
+    with Client(address, timeout="30s") as probe:
+        probe.wait_for_workers(1, timeout=60)
+    return scheduler, worker
+
+
+def stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def cli_driver(config: Path, address: str) -> subprocess.Popen:
+    """`cbm run CONFIG --cluster ADDRESS` with this module's test plugins loaded."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import cbm_core.cli as c; from test_distributed import test_engine; "
+        "c._MANAGER = test_engine().plugins; "
+        f"c.cli(['run', {str(config)!r}, '--cluster', {address!r}, '--quiet'], prog_name='cbm')"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[1], stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_scheduler_restarted_mid_run_then_rerun_matches_single_process(reference, tmp_path) -> None:
+    config_path = write_config(tmp_path, SLOW.format(options="sleep = 0.4"))
+    config = load_run_config(config_path)
+    port, log = free_port(), tmp_path / "dask.log"
+    address = f"tcp://127.0.0.1:{port}"
+    processes: list[subprocess.Popen] = []
+    try:
+        processes += start_cluster(port, log)
+        driver = cli_driver(config_path, address)
+        processes.append(driver)
+        wait_until(lambda: stored_scenes(config) >= 2)
+        stop(processes[0])  # the scheduler dies half-way
+        _, err = driver.communicate(timeout=120)
+        assert driver.returncode == 1 and "Traceback" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert errors == [f"Error: {dist.SCHEDULER_LOST}"], err
+        assert stored_scenes(config) < S2_SCENES, "the run was not interrupted half-way"
+        for process in processes[:2]:  # the old worker goes too: a fresh cluster on the same port
+            stop(process)
+        processes += start_cluster(port, log)
+        again = cli_driver(config_path, address)
+        processes.append(again)
+        _, err = again.communicate(timeout=180)
+        assert again.returncode == 0, err
+        summary = json.loads((config.out_dir / "summary.json").read_text())
+        assert summary["scenes"]["extracted"] + summary["scenes"]["skipped_already_stored"] == S2_SCENES
+        assert_same(outputs(config), reference)
+    finally:
+        for process in processes:
+            stop(process)
+
+
+# Bounded memory: an extraction unit reads only the parcels of its scene's footprint -------------
+
+
+def half_footprint_catalogue(tmp_path: Path) -> tuple[Path, shapely.Geometry]:
+    """The demo catalogue with every scene's footprint cut to the western half of the parcels."""
+    parcels = local.read_parcel_file(DEMO / "parcels.gpkg").to_crs("EPSG:4326")
+    minx, miny, maxx, maxy = parcels.total_bounds
+    west = shapely.box(minx - 1e-4, miny - 1e-4, (minx + maxx) / 2, maxy + 1e-4)
+    rows = pd.read_csv(DEMO / "scenes.csv", dtype=str, keep_default_na=False)
+    rows["path"] = [str(DEMO / p) for p in rows["path"]]
+    rows["footprint"] = west.wkt
+    rows.to_csv(tmp_path / "scenes.csv", index=False)
+    return tmp_path / "scenes.csv", west
+
+
+def test_extraction_unit_reads_only_the_parcels_of_its_footprint(client, tmp_path) -> None:
+    scenes, west = half_footprint_catalogue(tmp_path)
+    trace = tmp_path / "reads"
+    trace.mkdir()
+    source = f'[source]\nplugin = "slowzonal"\nparcels = "{DEMO / "parcels.gpkg"}"\nscenes = "{scenes}"\n'
+    config = load_run_config(write_config(tmp_path, f'{source}trace = "{trace}"\n'))
+    result = test_engine().run(config, cluster=client)
+    assert result.summary["scenes"]["extracted"] == S2_SCENES
+    everything = local.read_parcel_file(DEMO / "parcels.gpkg").to_crs("EPSG:4326")
+    inside = set(everything["pid"][everything.intersects(west)])
+    reads = [json.loads(f.read_text()) for f in trace.iterdir()]
+    unit_reads = [r for r in reads if r["bbox"] is not None]  # the driver reads all (bbox None)
+    assert 1 <= len(unit_reads) <= 2, reads  # once per worker process: the footprint is cached
+    for read in unit_reads:
+        assert read["bbox"] == pytest.approx(west.bounds)
+        assert inside <= set(read["pids"]) < set(everything["pid"])
+    alone = replace(
+        config, out_dir=tmp_path / "alone", store=replace(config.store, options={"path": "alone"})
+    )
+    test_engine().run(alone)  # single-process: reads all parcels
+    pd.testing.assert_frame_equal(outputs(config)["stats"], outputs(alone)["stats"])
+    assert set(outputs(config)["stats"]["pid"]) == inside
+
+
+def test_postgis_source_reads_only_the_parcels_a_bbox_touches(postgres, tmp_path) -> None:
+    from sources import postgis as pg
+
+    config = postgis_config(tmp_path, postgres)
+    parcels = local.read_parcel_file(DEMO / "parcels.gpkg")
+    pg.import_parcels(config.store, parcels)
+    _, west = half_footprint_catalogue(tmp_path)
+    wgs84 = parcels.to_crs("EPSG:4326")
+    inside = set(wgs84["pid"][wgs84.intersects(west)])
+    got = pg.cbm_source_parcels(config.store, bbox=west.bounds)
+    assert inside <= set(got["pid"]) < set(parcels["pid"])
+    assert got.crs == parcels.crs and got["pid"].is_monotonic_increasing
+    assert len(pg.cbm_source_parcels(config.store)) == len(parcels)

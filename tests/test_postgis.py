@@ -51,8 +51,9 @@ def sorted_frame(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def test_migrations_are_shipped_idempotent_and_keyed(postgres):
     cfg = config(postgres)
-    assert [name for name, _ in pg.migrations()] == ["001_catalogue.sql", "002_signatures.sql"]
-    assert pg.init_database(cfg) == ["001_catalogue.sql", "002_signatures.sql"]
+    shipped = ["001_catalogue.sql", "002_signatures.sql", "003_job_reason.sql"]
+    assert [name for name, _ in pg.migrations()] == shipped
+    assert pg.init_database(cfg) == shipped
     assert pg.init_database(cfg) == []
     with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
         cur.execute(
@@ -176,6 +177,35 @@ def test_claims_never_give_one_scene_to_two_workers(postgres):
     assert (
         pg.cbm_store_claim(expired, obsids[1:2], "rescuer") == obsids[1]
     )  # a dead worker's scene is taken over
+
+
+def test_released_claims_are_claimable_at_once_and_only_the_holders_are_touched(postgres):
+    cfg = config(postgres, lease_seconds=3600)
+    pg.init_database(cfg)
+    mine, theirs, stored = (f"S2A_MSIL2A_202309{d:02d}_T31UFS" for d in (1, 2, 3))
+    for obsid, worker in ((mine, "run-a"), (theirs, "run-b"), (stored, "run-a")):
+        assert pg.cbm_store_claim(cfg, [obsid], worker) == obsid
+    pg.cbm_store_write(cfg, fake_signatures([stored], range(1, 3)), [stored])
+    assert pg.cbm_store_release(cfg, [mine, theirs, stored], "run-a", "band file is corrupt") == 1
+
+    def job(obsid: str) -> tuple[str, str, str | None]:
+        with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT j.status, j.worker, j.reason FROM cbm_scene_jobs j"
+                " JOIN dias_catalogue c ON c.id = j.catalogue_id WHERE j.dataset = %s AND c.reference = %s",
+                (f"public.{cfg.get('signatures_table')}", obsid),
+            )
+            row = cur.fetchone()
+        conn.close()
+        return row
+
+    assert job(mine) == ("failed", "run-a", "band file is corrupt")
+    assert job(theirs)[:2] == ("inprogress", "run-b")  # another run's claim is left alone
+    assert job(stored)[0] == "extracted"
+    assert pg.cbm_store_obsids(cfg) == {stored}  # a failed scene is not stored
+    assert pg.cbm_store_claim(cfg, [theirs], "run-c") is None  # still leased
+    assert pg.cbm_store_claim(cfg, [mine, theirs], "run-c") == mine  # no lease to wait for
+    assert job(mine) == ("inprogress", "run-c", None)
 
 
 def test_database_restart_mid_run_loses_and_duplicates_nothing(postgres):
