@@ -80,8 +80,9 @@ def cbm_store_read(
     pids: Sequence[int] | None,
     obsids: Sequence[str] | None,
     bands: Sequence[str] | None,
+    scl: bool = True,
 ) -> Signatures:
-    """Read stored signatures filtered by parcel, scene and band (None means all)."""
+    """Read stored signatures by parcel, scene and band (None: all); scl=False: histograms not needed."""
 
 
 @hookspec(firstresult=True)

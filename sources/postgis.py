@@ -550,6 +550,8 @@ def bulk_load(config: PluginConfig, obsids: Sequence[str], read: Callable[[str],
                 rows += _copy_scenes(cur, names, payload, ids)
         for statement in rebuild:
             cur.execute(statement)
+        for table in (names.signatures, names.hists):  # fresh planner statistics, or a parcel's
+            cur.execute(sql.SQL("ANALYZE {}").format(names.ident(table)))  # lookup may scan it all
         return rows
 
     return transaction(config, work)
@@ -618,6 +620,7 @@ def cbm_store_read(
     pids: Sequence[int] | None,
     obsids: Sequence[str] | None,
     bands: Sequence[str] | None,
+    scl: bool = True,
 ) -> Signatures:
     names = tables(config)
     params = {
@@ -641,12 +644,14 @@ def cbm_store_read(
     if pids is None or len(pids) > SMALL_QUERY_PIDS:
         return Signatures(
             _stats_frame(_stream(config, stats_query, params)),
-            _scl_frame(_stream(config, hist_query, params)),
+            _scl_frame(_stream(config, hist_query, params) if scl else []),
         )
 
     def work(cur: psycopg2.extensions.cursor) -> tuple[list[tuple], list[tuple]]:  # one round of the pool
         cur.execute(stats_query, params)
         stats = cur.fetchall()
+        if not scl:
+            return stats, []
         cur.execute(hist_query, params)
         return stats, cur.fetchall()
 
