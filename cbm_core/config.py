@@ -13,6 +13,34 @@ from cbm_core.errors import ConfigError
 RUN_SECTIONS = {"run", "source", "store", "extract", "scheme", "marker", "rule", "cluster"}
 
 
+def resolve_path(value: Any, base_dir: Path) -> Path:
+    """A configured file or folder: absolute (or ~) as given, relative against base_dir."""
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else Path(base_dir) / path
+
+
+class Params(dict):
+    """A marker's or rule's parameters: a plain dict to plugins that also remembers the folder of the
+    file that declared them, so that path options resolve there and not in the working directory."""
+
+    def __init__(self, options: Mapping[str, Any] | None = None, base_dir: Path = Path(".")) -> None:
+        super().__init__(options or {})
+        self.base_dir = Path(base_dir)
+
+    def path(self, key: str, default: str | None = None) -> Path:
+        """An option naming a file or folder, resolved against the declaring file's folder."""
+        value = self.get(key, default)
+        if value is None:
+            raise ConfigError(f"missing option '{key}'")
+        return resolve_path(value, self.base_dir)
+
+
+def param_path(params: Mapping[str, Any], key: str, default: str | None = None) -> Path:
+    """``params.path(key)`` for Params from a configuration; a plain dict (a direct Python call)
+    resolves against the working directory."""
+    return Params(params, getattr(params, "base_dir", Path("."))).path(key, default)
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     """The options a configuration gives one plugin, and where to resolve its relative paths."""
@@ -35,13 +63,13 @@ class PluginConfig:
         value = self.options.get(key, default)
         if value is None:
             raise ConfigError(f"{self.where}: missing option '{key}' for plugin '{self.plugin}'")
-        path = Path(str(value)).expanduser()
-        return path if path.is_absolute() else (self.base_dir / path)
+        return resolve_path(value, self.base_dir)
 
     @property
-    def params(self) -> dict[str, Any]:
-        """Options other than the plugin's name and label: a marker's or rule's parameters."""
-        return {k: v for k, v in self.options.items() if k not in ("plugin", "name")}
+    def params(self) -> Params:
+        """Options other than the plugin's name and label: a marker's or rule's parameters, which
+        keep this table's base_dir for their path options (Params.path)."""
+        return Params({k: v for k, v in self.options.items() if k not in ("plugin", "name")}, self.base_dir)
 
 
 def plugin_config(table: Any, where: str, base_dir: Path, default_plugin: str | None = None) -> PluginConfig:

@@ -196,14 +196,24 @@ class Engine:
     # Markers and rules -------------------------------------------------------------------------
 
     def run_markers(self, series: TimeSeries, scheme: Scheme) -> pd.DataFrame:
-        """Every marker of the scheme over every parcel: exactly one result per marker and parcel."""
+        """Every marker of the scheme over every parcel: exactly one result per marker and parcel.
+
+        A marker with a ``context_distance`` option (one comparing neighbours, like peers) gets
+        spatially compact batches plus every parcel within that distance as context.
+        """
         results: list[MarkerResult] = []
         for config in scheme.markers:
             call = self.plugins.caller(config.plugin, "cbm_marker_run", config.where)
             name = marker_name(config)
-            batches = list(_pid_batches(series, MARKER_BATCH))
-            for batch in tqdm(batches, desc=f"marker {name}", unit="batch", disable=self._progress_disabled):
-                results.extend(_run_isolated(call, name, batch, config.params))
+            context = float(config.params.get("context_distance") or 0.0)
+            if context > 0:
+                batches = list(_context_batches(series, MARKER_BATCH, context))
+            else:
+                batches = [(batch, None) for batch in _pid_batches(series, MARKER_BATCH)]
+            for batch, core in tqdm(
+                batches, desc=f"marker {name}", unit="batch", disable=self._progress_disabled
+            ):
+                results.extend(_run_isolated(call, name, batch, config.params, core))
         return results_frame(results)
 
     def decide(self, results: pd.DataFrame, parcels: gpd.GeoDataFrame, scheme: Scheme) -> gpd.GeoDataFrame:
@@ -362,8 +372,13 @@ def _isolating(
         )
 
 
-def _run_isolated(call, name: str, batch: TimeSeries, params: dict[str, Any]) -> list[MarkerResult]:
-    """Run a marker on a batch; parcels it raises on become NOT_EXECUTED with the error."""
+def _run_isolated(
+    call, name: str, batch: TimeSeries, params: dict[str, Any], keep: np.ndarray | None = None
+) -> list[MarkerResult]:
+    """Run a marker on a batch; parcels it raises on become NOT_EXECUTED with the error.
+
+    keep: the pids to return results for (default all; context parcels are left out).
+    """
     pids = batch.parcels["pid"].to_numpy()
 
     def score(positions: np.ndarray) -> list[MarkerResult]:
@@ -382,7 +397,7 @@ def _run_isolated(call, name: str, batch: TimeSeries, params: dict[str, Any]) ->
     return [
         by_pid.get(int(pid))
         or MarkerResult(name, int(pid), Status.NOT_EXECUTED, reason="marker returned no result")
-        for pid in pids
+        for pid in (pids if keep is None else keep)
     ]
 
 
@@ -397,6 +412,55 @@ def _pid_batches(series: TimeSeries, size: int) -> Iterator[TimeSeries]:
         s = slice(np.searchsorted(stat_pids, lo, "left"), np.searchsorted(stat_pids, hi, "right"))
         c = slice(np.searchsorted(scl_pids, lo, "left"), np.searchsorted(scl_pids, hi, "right"))
         yield TimeSeries(series.stats.iloc[s], series.scl.iloc[c], series.parcels.iloc[start : start + size])
+
+
+def _context_batches(
+    series: TimeSeries, size: int, distance: float
+) -> Iterator[tuple[TimeSeries, np.ndarray]]:
+    """(batch, its core pids): `size` parcels in Z-order of distance-sized cells (compact areas, so
+    little context), plus every parcel whose centroid lies within `distance` of a core parcel's.
+
+    Pid batches would hide a parcel's neighbours that fall into another batch.
+    """
+    from scipy.spatial import cKDTree
+
+    parcels = series.parcels  # pid-sorted, as are stats and scl
+    pids = parcels["pid"].to_numpy()
+    located = parcels.geometry.notna().to_numpy() & ~parcels.geometry.is_empty.to_numpy()
+    xy = np.zeros((len(pids), 2))
+    if located.any():
+        centroids = parcels.geometry[located].centroid
+        xy[located] = np.column_stack([centroids.x.to_numpy(), centroids.y.to_numpy()])
+    origin = xy[located].min(axis=0) if located.any() else np.zeros(2)
+    cell = np.clip(np.floor((xy - origin) / distance), 0, 2**21 - 1).astype(np.int64)
+    code = np.zeros(len(pids), dtype=np.int64)
+    for bit in range(21):  # interleave the bits of the cell column and row: Morton (Z) order
+        code |= ((cell[:, 0] >> bit) & 1) << (2 * bit) | ((cell[:, 1] >> bit) & 1) << (2 * bit + 1)
+    order = np.lexsort((pids, code))
+    tree = cKDTree(xy[located])
+    where = np.flatnonzero(located)
+    stat_pids, scl_pids = series.stats["pid"].to_numpy(), series.scl["pid"].to_numpy()
+    for start in range(0, len(pids), size):
+        core = order[start : start + size]
+        near = tree.query_ball_point(xy[core[located[core]]], distance, return_sorted=False)
+        found = [where[np.asarray(n, dtype=np.int64)] for n in near]
+        members = np.union1d(core, np.concatenate([np.zeros(0, np.int64), *found]))
+        wanted = pids[members]
+        yield (
+            TimeSeries(
+                series.stats.iloc[_rows(stat_pids, wanted)],
+                series.scl.iloc[_rows(scl_pids, wanted)],
+                parcels.iloc[members],
+            ),
+            pids[np.sort(core)],
+        )
+
+
+def _rows(sorted_pids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Positions of the rows of the wanted pids in a pid-sorted column (no scan of the column)."""
+    lo = np.searchsorted(sorted_pids, wanted, "left")
+    n = np.searchsorted(sorted_pids, wanted, "right") - lo
+    return np.repeat(lo - (np.cumsum(n) - n), n) + np.arange(n.sum())
 
 
 def _window_reader(call, source: PluginConfig):

@@ -1,12 +1,17 @@
 """Machine-learning crop-type marker: flags parcels whose declared crop disagrees with a confident model.
 
 Features are fixed-grid composites (default 36 x 10 days from 1 October of the previous year) of
-S2 bands, indices and S1 backscatter (dB), gaps filled by interpolation, so that parcels with
-different acquisition dates share one layout. Two model kinds: a scikit-learn random forest
-(the baseline, robust on a few hundred samples) and a small TensorFlow/Keras 1-D CNN. A model
-file (folder or .zip) holds the model plus spec.json: the feature spec, the classes, the
-per-channel normalisation and the library versions; a model whose spec does not match what this
-code computes is refused with the reason instead of silently predicting garbage.
+S2 bands, indices, red-edge ratios and S1 backscatter (dB, and the VH/VV ratio), gaps filled by
+interpolation, so that parcels with different acquisition dates share one layout. Two model
+kinds: a scikit-learn soft-voting ensemble of extremely randomised trees and a logistic regression
+on the composites plus per-channel percentiles (the default, robust on a few hundred samples), and
+a small TensorFlow/Keras 1-D CNN. A parcel is flagged when its declared crop is much less likely
+than the predicted one: p(declared) / p(predicted) at most a threshold that training calibrates on
+out-of-fold predictions of the training parcels, for a target false-flag rate, so that no
+threshold is tuned on the parcels a model is judged on. A model file (folder or .zip) holds the
+model plus spec.json: the feature spec, the classes, the per-channel normalisation, that
+calibration and the library versions; a model whose spec does not match what this code computes is
+refused with the reason instead of silently predicting garbage.
 
 `cbm train` (added to the command line by this plugin) fits and writes such a model.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,13 +33,17 @@ import numpy as np
 import pandas as pd
 
 from cbm_core import timeseries as ts
+from cbm_core.config import param_path
 from cbm_core.errors import CbmError, InputError
 from cbm_core.hookspecs import impl
 from cbm_core.model import Event, MarkerResult, Status, TimeSeries
 
 NAME = "crop_type"
-MODEL_FORMAT = 1
-FEATURE_SPEC_VERSION = 1
+MODEL_FORMAT = 2
+FEATURE_SPEC_VERSION = 2
+# Normalised differences of composited S2 bands (a - b) / (a + b): water and red-edge chlorophyll
+# separate cereals, oilseeds and legumes better than NDVI alone.
+BAND_RATIOS: dict[str, list[str]] = {"NDWI": ["B03", "B08"], "NDRE1": ["B08", "B05"], "NDRE2": ["B08", "B06"]}
 DEFAULT_SPEC: dict[str, Any] = {
     "version": FEATURE_SPEC_VERSION,
     "start": "10-01",  # bins start on this day of the year before the season year
@@ -41,15 +51,20 @@ DEFAULT_SPEC: dict[str, Any] = {
     "bins": 36,
     "s2": ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B11", "B12"],
     "indices": ["NDVI", "NDMI"],
+    "band_ratios": BAND_RATIOS,
     "s1": ["VV", "VH"],  # composites of 10 log10(linear backscatter)
+    "s1_ratio": True,  # and VH - VV in dB (volume scattering, high over broad-leaved canopies)
     "min_s2_obs": 4,
 }
+CALIBRATION_GRID = [round(0.005 * k, 3) for k in range(1, 61)]  # false-flag rates 0.5 % .. 30 %
 DEFAULTS: dict[str, Any] = {
-    "model": None,  # path of the model folder or .zip (required)
+    "model": None,  # path of the model folder or .zip (required; relative to the scheme's folder)
     "crop_column": "crop_name",
-    "min_confidence": 0.3,  # probability the prediction needs before it may contradict a declaration
-    "max_declared_prob": 0.08,  # ...and the declared crop must be at most this likely (random forest:
-    # ~3 % false flags in 5-fold CV on WorldCereal France; an over-confident Keras net needs less)
+    "min_confidence": 0.2,  # probability the prediction needs before it may contradict a declaration
+    "false_flags": 0.05,  # target share of honest declarations flagged: picks the model's calibrated
+    # p(declared) / p(predicted) threshold
+    "max_declared_ratio": None,  # or that threshold directly
+    "max_declared_prob": None,  # optional extra cap on p(declared)
     "year": None,  # season year; default: the year of the batch's median observation
     "max_cloudy": ts.DEFAULT_MAX_CLOUDY,
     "cloud_classes": list(ts.DEFAULT_CLOUD_CLASSES),
@@ -72,7 +87,35 @@ def season_start(series: TimeSeries, spec: Mapping[str, Any], year: int | None) 
 
 
 def channel_names(spec: Mapping[str, Any]) -> list[str]:
-    return [*spec["s2"], *spec["indices"], *(f"S1_{b}" for b in spec["s1"])]
+    """Feature channels in array order."""
+    ratios = list(spec.get("band_ratios", {}))
+    s1 = [f"S1_{b}" for b in spec["s1"]] + (["S1_VHVV"] if spec.get("s1_ratio") else [])
+    return [*spec["s2"], *spec["indices"], *ratios, *s1]
+
+
+def make_spec(
+    s2: Sequence[str] | None = None, s1: Sequence[str] | None = None, indices: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The default spec for other bands, keeping only the ratios those bands can compute."""
+    s2 = list(DEFAULT_SPEC["s2"] if s2 is None else s2)
+    s1 = list(DEFAULT_SPEC["s1"] if s1 is None else s1)
+    ratios = {k: v for k, v in BAND_RATIOS.items() if set(v) <= set(s2)}
+    return {
+        **DEFAULT_SPEC,
+        "s2": s2,
+        "s1": s1,
+        "indices": list(DEFAULT_SPEC["indices"] if indices is None else indices),
+        "band_ratios": ratios,
+        "s1_ratio": {"VV", "VH"} <= set(s1),
+    }
+
+
+def _check_spec(spec: Mapping[str, Any]) -> None:
+    for name, bands in spec.get("band_ratios", {}).items():
+        if not set(bands) <= set(spec["s2"]):
+            raise InputError(f"feature spec: band ratio {name} needs {', '.join(bands)}, not all in s2")
+    if spec.get("s1_ratio") and not {"VV", "VH"} <= set(spec["s1"]):
+        raise InputError("feature spec: s1_ratio needs S1 bands VV and VH")
 
 
 def features(
@@ -83,6 +126,7 @@ def features(
     Raises InputError when a band the spec needs is absent from the whole batch.
     """
     params = {**DEFAULTS, **(params or {})}
+    _check_spec(spec)
     pids = ts.batch_pids(series)
     present = ts.present(series.stats["band"]) if len(series.stats) else set()
     needed = set(spec["s2"]) | set(spec["s1"])
@@ -103,6 +147,17 @@ def features(
     with np.errstate(divide="ignore", invalid="ignore"):
         s1.values = {b: 10 * np.log10(np.where(v > 0, v, np.nan)) for b, v in s1.values.items()}
     x1 = ts.fill_bins(ts.composite(s1, list(spec["s1"]), start, step, n_bins))
+    s2_names = [*spec["s2"], *spec["indices"]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = [
+            (x2[..., s2_names.index(a)] - x2[..., s2_names.index(b)])
+            / (x2[..., s2_names.index(a)] + x2[..., s2_names.index(b)])
+            for a, b in spec.get("band_ratios", {}).values()
+        ]
+    x2 = np.concatenate([x2, *(r[..., None] for r in ratios)], axis=2)
+    if spec.get("s1_ratio"):
+        vhvv = x1[..., list(spec["s1"]).index("VH")] - x1[..., list(spec["s1"]).index("VV")]
+        x1 = np.concatenate([x1, vhvv[..., None]], axis=2)
     X = np.full((len(pids), n_bins, len(channel_names(spec))), np.nan)
     p2, p1 = ts.align(s2, pids), ts.align(s1, pids)
     n_s2 = ts.obs_count(s2, p2)
@@ -134,11 +189,34 @@ class CropModel:
     classes: list[str]
     mean: np.ndarray  # per channel
     std: np.ndarray
+    # p(declared) / p(predicted) thresholds for the false-flag rates of CALIBRATION_GRID, from
+    # out-of-fold predictions of the training parcels (None: not calibrated)
+    calibration: np.ndarray | None = None
 
     def prepare(self, X: np.ndarray) -> np.ndarray:
         Z = (X - self.mean) / self.std
+        if self.kind == "sklearn":  # the time profile plus its distribution: robust to shifted calendars
+            with warnings.catch_warnings():  # parcels without S1 give all-NaN channels
+                warnings.simplefilter("ignore", RuntimeWarning)
+                summary = [
+                    *np.nanpercentile(Z, [10, 25, 50, 75, 90], axis=1),
+                    np.nanstd(Z, axis=1),
+                    np.nan_to_num(Z, nan=-np.inf).argmax(axis=1).astype(float),
+                ]
+            Z = np.concatenate([Z.reshape(len(Z), -1), *summary], axis=1)
         Z = np.nan_to_num(Z, nan=0.0, posinf=0.0, neginf=0.0)  # missing S1 -> the training mean
-        return Z.reshape(len(Z), -1) if self.kind == "sklearn" else Z.astype(np.float32)
+        return Z if self.kind == "sklearn" else Z.astype(np.float32)
+
+    def n_features(self) -> int:
+        """Model inputs per parcel: bins x channels, plus 7 summaries per channel for sklearn."""
+        n = len(self.mean) * int(self.spec["bins"])
+        return n + 7 * len(self.mean) if self.kind == "sklearn" else n
+
+    def max_declared_ratio(self, false_flags: float) -> float:
+        """The calibrated threshold for a target false-flag rate (interpolated on the grid)."""
+        if self.calibration is None:
+            raise ModelSpecError("the model has no calibration: give max_declared_ratio explicitly")
+        return float(np.interp(false_flags, CALIBRATION_GRID, self.calibration))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities (columns in ``classes`` order) for feature arrays from features()."""
@@ -167,7 +245,10 @@ class CropModel:
                 "feature_spec": self.spec,
                 "classes": self.classes,
                 "norm": {"mean": self.mean.tolist(), "std": self.std.tolist()},
-                "n_features": int(len(self.mean) * int(self.spec["bins"])),
+                "n_features": self.n_features(),
+                "calibration": None
+                if self.calibration is None
+                else {"false_flags": CALIBRATION_GRID, "max_declared_ratio": self.calibration.tolist()},
                 "versions": _versions(self.kind),
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
@@ -234,12 +315,22 @@ def load_model(path: Path, expected_spec: Mapping[str, Any] | None = None) -> Cr
                 )
                 raise ModelSpecError(f"{path}: the model was made for another feature spec ({shown})")
         n_channels = len(channel_names(spec))
-        if (
-            meta.get("n_features") != n_channels * int(spec["bins"])
-            or len(meta["norm"]["mean"]) != n_channels
-        ):
-            raise ModelSpecError(f"{path}: spec.json is inconsistent with its feature spec")
         kind = meta.get("kind")
+        shell = CropModel(
+            kind,
+            None,
+            spec,
+            list(meta["classes"]),
+            np.array(meta["norm"]["mean"]),
+            np.array(meta["norm"]["std"]),
+        )
+        calibration = meta.get("calibration")
+        if calibration is not None:
+            if calibration.get("false_flags") != CALIBRATION_GRID:
+                raise ModelSpecError(f"{path}: calibration made on another grid of false-flag rates")
+            shell.calibration = np.array(calibration["max_declared_ratio"], dtype=float)
+        if meta.get("n_features") != shell.n_features() or len(shell.mean) != n_channels:
+            raise ModelSpecError(f"{path}: spec.json is inconsistent with its feature spec")
         if kind == "sklearn":
             import joblib
 
@@ -260,14 +351,8 @@ def load_model(path: Path, expected_spec: Mapping[str, Any] | None = None) -> Cr
                 )
         else:
             raise ModelSpecError(f"{path}: unknown model kind {kind!r}")
-    return CropModel(
-        kind,
-        model,
-        spec,
-        list(meta["classes"]),
-        np.array(meta["norm"]["mean"]),
-        np.array(meta["norm"]["std"]),
-    )
+    shell.model = model
+    return shell
 
 
 def fit(
@@ -277,8 +362,13 @@ def fit(
     spec: Mapping[str, Any] | None = None,
     seed: int = 0,
     epochs: int = 80,
+    calibration_folds: int = 5,
 ) -> CropModel:
-    """Fit a model on feature arrays from features() (rows with NaN features must be removed first)."""
+    """Fit a model on feature arrays from features() (rows with NaN features must be removed first).
+
+    With calibration_folds, the flag threshold is calibrated on out-of-fold predictions of these
+    same parcels (k extra fits), so it never depends on parcels the model is later judged on.
+    """
     spec = dict(spec or DEFAULT_SPEC)
     y = np.asarray([str(v) for v in y])
     classes = sorted(set(y))
@@ -289,17 +379,47 @@ def fit(
     Z = shell.prepare(X)
     target = np.searchsorted(classes, y)
     if kind == "sklearn":
-        from sklearn.ensemble import RandomForestClassifier
-
-        model = RandomForestClassifier(
-            n_estimators=300, class_weight="balanced_subsample", random_state=seed, n_jobs=2
-        ).fit(Z, target)
+        model = _fit_sklearn(Z, target, seed)
     elif kind == "keras":
         model = _fit_keras(Z, target, len(classes), seed, epochs)
     else:
         raise InputError(f"unknown model kind {kind!r}: use 'sklearn' or 'keras'")
     shell.model = model
+    if calibration_folds:
+        proba, _ = cross_validate(X, y, kind, calibration_folds, seed + 1, epochs, spec, calibration_folds=0)
+        shell.calibration = calibrate(proba, classes, y)
     return shell
+
+
+def _fit_sklearn(Z: np.ndarray, target: np.ndarray, seed: int) -> Any:
+    """Soft vote of randomised trees (non-linear, confident) and a ridge-like logistic regression
+    (smooth probabilities): their average ranks the declared class better than either alone."""
+    from sklearn.ensemble import ExtraTreesClassifier, VotingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    trees = ExtraTreesClassifier(
+        n_estimators=500, class_weight="balanced_subsample", random_state=seed, n_jobs=2
+    )
+    linear = make_pipeline(
+        StandardScaler(), LogisticRegression(C=0.05, max_iter=2000, class_weight="balanced")
+    )
+    return VotingClassifier([("trees", trees), ("linear", linear)], voting="soft").fit(Z, target)
+
+
+def declared_ratio(proba: np.ndarray, classes: Sequence[str], declared: Sequence[str]) -> np.ndarray:
+    """p(declared) / p(most likely class); 0 for a declared crop that is not a class of the model."""
+    classes = list(classes)
+    col = np.array([classes.index(d) if d in classes else -1 for d in declared], dtype=np.int64)
+    p_decl = np.where(col >= 0, proba[np.arange(len(proba)), np.maximum(col, 0)], 0.0)
+    return p_decl / np.maximum(proba.max(axis=1), 1e-12)
+
+
+def calibrate(proba: np.ndarray, classes: Sequence[str], truth: Sequence[str]) -> np.ndarray:
+    """Thresholds of p(declared)/p(predicted) flagging each CALIBRATION_GRID share of honest parcels."""
+    ratio = declared_ratio(proba, classes, truth)
+    return np.quantile(ratio, CALIBRATION_GRID)
 
 
 def _fit_keras(Z: np.ndarray, target: np.ndarray, n_classes: int, seed: int, epochs: int) -> Any:
@@ -334,19 +454,25 @@ def cross_validate(
     seed: int = 0,
     epochs: int = 80,
     spec: Mapping[str, Any] | None = None,
-) -> np.ndarray:
-    """Out-of-fold class probabilities (columns = sorted classes of y) by stratified k-fold."""
+    calibration_folds: int = 5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold class probabilities (columns = sorted classes of y) by stratified k-fold, and for
+    each parcel the calibration of the fold model that predicted it (NaN without calibration_folds).
+    """
     from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray([str(v) for v in y])
     classes = sorted(set(y))
     proba = np.zeros((len(y), len(classes)))
+    calibration = np.full((len(y), len(CALIBRATION_GRID)), np.nan)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for train, test in splitter.split(X, y):
-        model = fit(X[train], y[train], kind, spec, seed=seed, epochs=epochs)
+        model = fit(X[train], y[train], kind, spec, seed, epochs, calibration_folds)
         cols = np.searchsorted(classes, model.classes)
         proba[np.ix_(test, cols)] = model.predict_proba(X[test])
-    return proba
+        if model.calibration is not None:
+            calibration[test] = model.calibration
+    return proba, calibration
 
 
 def flags(
@@ -354,15 +480,19 @@ def flags(
     classes: Sequence[str],
     declared: Sequence[str],
     min_confidence: float,
-    max_declared: float,
+    max_declared_ratio: float | np.ndarray,
+    max_declared_prob: float | None = None,
 ) -> np.ndarray:
-    """True where a confident prediction contradicts the declared crop (the marker's flag)."""
-    classes = list(classes)
-    col = np.array([classes.index(d) if d in classes else -1 for d in declared])
-    best = proba.argmax(axis=1)
-    p_best = proba[np.arange(len(proba)), best]
-    p_decl = np.where(col >= 0, proba[np.arange(len(proba)), np.maximum(col, 0)], 0.0)
-    return (best != col) & (p_best >= min_confidence) & (p_decl <= max_declared)
+    """True where a confident prediction contradicts the declared crop (the marker's flag).
+
+    The ratio p(declared)/p(predicted) rather than p(declared) alone: it does not depend on how
+    many classes share the remaining probability, so one threshold suits every crop.
+    """
+    ratio = declared_ratio(proba, classes, declared)
+    flagged = (ratio < 1.0) & (proba.max(axis=1) >= min_confidence) & (ratio <= max_declared_ratio)
+    if max_declared_prob is not None:
+        flagged &= ratio * proba.max(axis=1) <= max_declared_prob
+    return flagged
 
 
 # The marker ---------------------------------------------------------------------------------
@@ -394,10 +524,15 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     if not p["model"]:
         return all_invalid('no model configured: set model = "path/to/model" (made by `cbm train`)')
     try:
-        model = _cached(Path(str(p["model"])), p.get("feature_spec"))
+        model = _cached(param_path(params or {}, "model"), p.get("feature_spec"))
         pids, X, reasons = features(series, model.spec, p)
+        if p["max_declared_ratio"] is None:
+            max_ratio = model.max_declared_ratio(float(p["false_flags"]))
+        else:
+            max_ratio = float(p["max_declared_ratio"])
     except CbmError as exc:
         return all_invalid(str(exc))
+    max_prob = None if p["max_declared_prob"] is None else float(p["max_declared_prob"])
     column = str(p["crop_column"])
     declared_by_pid = (
         series.parcels.set_index("pid")[column].astype(str) if column in series.parcels else None
@@ -428,13 +563,10 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
             continue
         p_decl = float(proba[k, model.classes.index(declared)])
         values["declared_probability"] = round(p_decl, 4)
+        values["declared_ratio"] = round(p_decl / max(p_best, 1e-12), 4)
         events = []
         if flags(
-            proba[k : k + 1],
-            model.classes,
-            [declared],
-            float(p["min_confidence"]),
-            float(p["max_declared_prob"]),
+            proba[k : k + 1], model.classes, [declared], float(p["min_confidence"]), max_ratio, max_prob
         )[0]:
             events.append(
                 Event(
@@ -552,13 +684,13 @@ def cbm_cli_commands(cli: Any) -> None:
             raise InputError(f"{labels}: needs columns pid and crop")
         truth = table.drop_duplicates("pid").set_index("pid")["crop"]
         names = lambda text: [b.strip() for b in text.split(",") if b.strip()]  # noqa: E731
-        spec = {**DEFAULT_SPEC, "s2": names(s2_bands), "s1": names(s1_bands), "indices": names(indices)}
+        spec = make_spec(names(s2_bands), names(s1_bands), names(indices))
         _, X, y, dropped = training_set(series, truth, spec, min_samples=min_samples)
         if len(set(y)) < 2:
             raise InputError(f"{labels}: fewer than two classes with {min_samples}+ usable parcels")
         report: dict[str, Any] = {"parcels": len(y), "classes": len(set(y)), "left_out": dropped}
         if folds:
-            proba = cross_validate(X, y, kind, folds, seed, epochs, spec)
+            proba, _ = cross_validate(X, y, kind, folds, seed, epochs, spec, calibration_folds=0)
             classes = sorted(set(y))
             report["cv"] = confusion(pd.Series(y), pd.Series(np.asarray(classes)[proba.argmax(axis=1)]))
         model = fit(X, y, kind, spec, seed=seed, epochs=epochs)

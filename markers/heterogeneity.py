@@ -27,6 +27,7 @@ import rasterio.features
 from rasterio.windows import from_bounds
 from scipy import ndimage
 
+from cbm_core.config import param_path
 from cbm_core.errors import CbmError
 from cbm_core.hookspecs import impl
 from cbm_core.model import Event, MarkerResult, Status, TimeSeries
@@ -101,7 +102,7 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
         return [MarkerResult(name, int(pid), Status.NOT_VALID, reason) for pid in pids]
     when = date.fromisoformat(str(p["map_date"])) if p["map_date"] else date.today()
     try:
-        dataset = rasterio.open(str(p["raster"]))
+        dataset = rasterio.open(str(param_path(params or {}, "raster")))  # relative to the scheme file
     except rasterio.errors.RasterioIOError as exc:
         reason = f"thematic raster {p['raster']}: not readable ({exc})"
         return [MarkerResult(name, int(pid), Status.NOT_VALID, reason) for pid in pids]

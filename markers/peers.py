@@ -3,7 +3,9 @@
 Parcels declared with the same crop within a few kilometres share weather and calendar, so their
 NDVI profiles agree; a parcel far from its peers' median profile (in units of the peers' own
 spread) is suspicious whatever its crop. Needs no training data: the robust alternative when no
-crop-type model exists. Peers are searched within the batch the marker receives.
+crop-type model exists. Peers are searched within the batch the marker receives; in a scheme, set
+``context_distance`` (at least ``distance``) so that the engine batches parcels by area and adds
+every parcel within that distance of a batch as context, and no neighbour is lost at a batch edge.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -13,14 +14,16 @@ import pytest
 from click.testing import CliRunner
 
 from cbm_core import timeseries as ts
+from cbm_core.config import parse_scheme, read_toml
 from cbm_core.model import Status, TimeSeries
+from cbm_core.pipeline import Engine
 from cbm_core.score import read_signatures
 from cbm_core.simulate import simulate
 from markers import crop_type as ct
 
 DATA = Path(__file__).parent / "data"
-SIM_SPEC = {**ct.DEFAULT_SPEC, "s2": ["B02", "B04", "B08", "B11"], "indices": ["NDVI"], "s1": ["VV", "VH"]}
-REAL_SPEC = {**ct.DEFAULT_SPEC, "s2": ["B04", "B08", "B11"], "indices": ["NDVI", "NDMI"], "s1": ["VV", "VH"]}
+SIM_SPEC = ct.make_spec(["B02", "B03", "B04", "B08", "B11"], ["VV", "VH"], ["NDVI"])
+REAL_SPEC = ct.make_spec(["B04", "B08", "B11"], ["VV", "VH"], ["NDVI", "NDMI"])
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,7 @@ def model(train_scenario):
 def test_features_share_one_grid(train_scenario):
     pids, X, reasons = ct.features(train_scenario.series, SIM_SPEC)
     assert X.shape == (160, 36, len(ct.channel_names(SIM_SPEC)))
+    assert ct.channel_names(SIM_SPEC)[-4:] == ["NDWI", "S1_VV", "S1_VH", "S1_VHVV"]  # no red edge in sim
     assert not any(reasons) and np.isfinite(X).all()
     ndvi = X[:, :, ct.channel_names(SIM_SPEC).index("NDVI")]
     grass = train_scenario.actual_crop.reindex(pids).to_numpy() == "grassland"
@@ -51,7 +55,7 @@ def test_marker_flags_swapped_declarations(model):
     predicted = np.asarray(model.classes)[proba.argmax(axis=1)]
     assert (predicted == scenario.actual_crop.to_numpy()).mean() > 0.9
     declared = scenario.series.parcels["crop_name"].to_numpy()
-    flagged = ct.flags(proba, model.classes, declared, 0.3, 0.08)
+    flagged = ct.flags(proba, model.classes, declared, 0.2, model.max_declared_ratio(0.05))
     swapped = declared != scenario.actual_crop.to_numpy()
     assert flagged[swapped].mean() > 0.8 and flagged[~swapped].mean() < 0.05
 
@@ -62,6 +66,7 @@ def test_model_file_round_trip_and_marker(tmp_path, model):
         model.save(target)
         again = ct.load_model(target)
         assert again.classes == model.classes and again.spec == SIM_SPEC
+        np.testing.assert_allclose(again.calibration, model.calibration)
         X = ct.features(scenario.series, SIM_SPEC)[1]
         np.testing.assert_allclose(again.predict_proba(X), model.predict_proba(X))
     assert zipfile.ZipFile(tmp_path / "model.zip").namelist().count("spec.json") == 1
@@ -118,9 +123,14 @@ def test_real_worldcereal_parcels_cross_validate():
     labels = pd.read_csv(DATA / "worldcereal_fra2023_labels.csv").set_index("pid")["crop"]
     _, X, y, dropped = ct.training_set(series, labels, REAL_SPEC)
     assert len(y) >= 85 and dropped["no_label"] == 0
-    proba = ct.cross_validate(X, y, "sklearn", folds=3, spec=REAL_SPEC)
-    accuracy = (np.asarray(sorted(set(y)))[proba.argmax(axis=1)] == y).mean()
+    proba, calibration = ct.cross_validate(X, y, "sklearn", folds=3, spec=REAL_SPEC, calibration_folds=3)
+    classes = sorted(set(y))
+    accuracy = (np.asarray(classes)[proba.argmax(axis=1)] == y).mean()
     assert accuracy > 0.85
+    # each fold's threshold comes from its own training parcels and holds on the unseen ones
+    ratio = np.array([np.interp(0.05, ct.CALIBRATION_GRID, c) for c in calibration])
+    assert len(np.unique(ratio)) == 3 and np.all(np.diff(calibration, axis=1) >= 0)
+    assert ct.flags(proba, classes, y, 0.2, ratio).mean() < 0.12
 
 
 def test_cbm_train_command(tmp_path):
@@ -163,3 +173,25 @@ def test_cbm_train_command(tmp_path):
         ],
     )
     assert bad.exit_code != 0 and "lack band(s)" in str(bad.exception)
+
+
+def test_model_path_resolves_against_the_scheme_file(tmp_path, monkeypatch, model):
+    """A relative `model` in a scheme file means next to that file, whatever the working directory."""
+    folder = tmp_path / "schemes"
+    folder.mkdir()
+    model.save(folder / "crop.zip")
+    (folder / "crops.toml").write_text(
+        '[[marker]]\nplugin = "crop_type"\nmodel = "crop.zip"\n\n[rule]\nplugin = "traffic_light"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    scenario = simulate(12, seed=44)
+    engine = Engine(progress=False)
+    results = engine.run_markers(scenario.series, engine.scheme(str(folder / "crops.toml"), Path.cwd()))
+    assert len(results) == 12 and results["status"].eq(str(Status.OK)).all(), results["reason"].iloc[0]
+    params = parse_scheme(read_toml(folder / "crops.toml"), folder, "crops.toml").markers[0].params
+    assert params.path("model") == folder / "crop.zip"
+    assert pickle.loads(pickle.dumps(params)).path("model") == folder / "crop.zip"  # for dask workers
+    plain = ct.run(scenario.series, {"model": "crop.zip"})  # a plain dict: the working directory
+    assert all("model file not found: crop.zip" in r.reason for r in plain)

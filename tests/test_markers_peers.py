@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
-from cbm_core.model import Status, TimeSeries
+from cbm_core import pipeline
+from cbm_core.config import PluginConfig, Scheme
+from cbm_core.model import Status, TimeSeries, results_frame
+from cbm_core.pipeline import Engine
 from cbm_core.simulate import simulate
 from markers import peers
 
@@ -38,3 +42,23 @@ def test_too_few_peers_and_no_observation():
         scenario.series.stats, scenario.series.scl, scenario.series.parcels.assign(geometry=None)
     )
     assert all(r.reason == "parcel has no geometry" for r in peers.run(nowhere, {}))
+
+
+def test_engine_batches_keep_neighbours_together(monkeypatch):
+    """Batches smaller than the area: with context_distance the engine's batched results equal a
+    single call on all parcels; plain pid batches cut neighbours off."""
+    scenario = simulate(600, seed=33, swap_rate=0.08)
+    whole = results_frame(peers.run(scenario.series, {})).set_index("pid")
+    monkeypatch.setattr(pipeline, "MARKER_BATCH", 100)  # 600 parcels on a 25 x 24 grid of 300 m
+    engine = Engine(progress=False)
+    rule = PluginConfig("traffic_light")
+
+    def batched(options: dict) -> pd.DataFrame:
+        scheme = Scheme((PluginConfig("peers", {"plugin": "peers", **options}),), rule)
+        return engine.run_markers(scenario.series, scheme).set_index("pid").loc[whole.index]
+
+    with_context = batched({"context_distance": 2000.0})
+    assert with_context["marker"].eq("peers").all() and len(with_context) == 600
+    pd.testing.assert_frame_equal(with_context.drop(columns="marker"), whole.drop(columns="marker"))
+    cut_off = batched({})
+    assert (cut_off["values"] != whole["values"]).sum() > 100  # the old behaviour: peers lost at batch edges
