@@ -142,6 +142,17 @@ def kill_one_worker(client: Client) -> None:
     os.kill(next(iter(pids.values())), signal.SIGKILL)
 
 
+def start_driver(config_path: Path, client: Client) -> subprocess.Popen:
+    """`test_engine().run(config)` on the test cluster in another process, to be killed half-way."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from test_distributed import test_engine; from cbm_core.config import *; "
+        f"test_engine().run(load_run_config({str(config_path)!r}), "
+        f"cluster=ClusterConfig(address={client.scheduler.address!r}))"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+
+
 def wait_until(condition, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -204,13 +215,7 @@ def test_killed_worker_mid_run_loses_nothing(client, reference, tmp_path) -> Non
 def test_killed_run_resumes_without_gaps_or_duplicates(client, reference, tmp_path) -> None:
     config_path = write_config(tmp_path, SLOW.format(options="sleep = 0.4"))
     config = load_run_config(config_path)
-    code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "from test_distributed import test_engine; from cbm_core.config import *; "
-        f"test_engine().run(load_run_config({str(config_path)!r}), "
-        f"cluster=ClusterConfig(address={client.scheduler.address!r}))"
-    )
-    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    driver = start_driver(config_path, client)
     try:
         wait_until(lambda: stored_scenes(config) >= 2)
     finally:
@@ -341,13 +346,7 @@ def test_postgis_killed_run_resumes_after_its_claims_lapse(
 ) -> None:
     monkeypatch.setattr(dist, "CLAIM_POLL", 0.2)
     config = postgis_config(tmp_path, postgres, "sleep = 0.4", lease=2)
-    code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "from test_distributed import test_engine; from cbm_core.config import *; "
-        f"test_engine().run(load_run_config({str(config.path)!r}), "
-        f"cluster=ClusterConfig(address={client.scheduler.address!r}))"
-    )
-    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    driver = start_driver(config.path, client)
     try:
         wait_until(lambda: stored_scenes(config) >= 2)
     finally:
@@ -389,13 +388,7 @@ def jobs(config) -> list[tuple[str, str | None]]:
 
 def test_postgis_interrupted_run_releases_its_claims(client, reference, postgres, tmp_path) -> None:
     config = postgis_config(tmp_path, postgres, "sleep = 0.4")  # a one-hour lease
-    code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "from test_distributed import test_engine; from cbm_core.config import *; "
-        f"test_engine().run(load_run_config({str(config.path)!r}), "
-        f"cluster=ClusterConfig(address={client.scheduler.address!r}))"
-    )
-    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    driver = start_driver(config.path, client)
     try:
         wait_until(lambda: stored_scenes(config) >= 2)
         driver.send_signal(signal.SIGINT)  # Ctrl-C
