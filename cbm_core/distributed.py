@@ -6,9 +6,10 @@ Two kinds of unit, both idempotent so any of them may run twice (a killed worker
   the scene's footprint (the last few footprints cached), extracts the scene and writes it to the
   store itself, so signatures never travel through the scheduler and a worker's memory is bounded
   by one footprint's parcels, not the country's;
-* one marker partition: a contiguous pid range, read from the store on the worker and scored
-  there; only the small results come back, so a worker's memory is bounded by the partition
-  size, not the country.
+* one marker partition: a contiguous pid range, read from the store on the worker, scored and
+  judged by the scheme's rule there; only the small result and verdict tables come back, so a
+  worker's memory is bounded by the partition size, not the country, and the driver's serial
+  share stays small.
 
 The driver keeps a bounded number of units in flight. When the store can claim scenes
 (cbm_store_claim, e.g. PostGIS with SKIP LOCKED), the driver claims each scene before submitting
@@ -36,22 +37,22 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 import geopandas as gpd
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cbm_core.config import ClusterConfig, PluginConfig, RunConfig, Scheme, marker_name
+from cbm_core.config import ClusterConfig, PluginConfig, RunConfig, Scheme
 from cbm_core.errors import CbmError, ConfigError
-from cbm_core.model import MarkerResult, Signatures, Status, results_frame
+from cbm_core.model import MarkerResult, Signatures, Status, results_frame, verdict_table, verdicts_frame
 from cbm_core.pipeline import (
-    MARKER_BATCH,
     Engine,
     ExtractReport,
     RunResult,
     _describe,
     _jobs_by_card,
-    _pid_batches,
-    _run_isolated,
     _summary,
+    context_distance,
+    context_groups,
     time_series,
     write_outputs,
 )
@@ -94,13 +95,13 @@ def run_distributed(
             print(f"dask dashboard: {link}", file=sys.stderr)
         run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         report, failed_units = extract_scenes(client, engine, spec, config, catalogue, options, run_id, force)
-        results, marker_failures = score_partitions(
-            client, spec, config, parcels, catalogue, scheme, options, run_id, quiet
+        results, table, marker_failures = score_partitions(
+            client, engine, spec, config, parcels, catalogue, scheme, options, run_id
         )
         failed_units += marker_failures
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         address = client.scheduler.address
-    verdicts = engine.decide(results, parcels, scheme)
+    verdicts = verdicts_frame(table, parcels)
     summary = _summary(config, scheme, parcels, catalogue, report, results, verdicts, started, engine.plugins)
     summary["cluster"] = {
         "scheduler": address,
@@ -255,25 +256,26 @@ def extract_unit(spec: PluginSpec, config: RunConfig, obsid: str) -> dict[str, A
 
 
 def marker_unit(
-    spec: PluginSpec, store: PluginConfig, scheme: Scheme, parcels: gpd.GeoDataFrame, scenes: pd.DataFrame
-) -> dict[str, pd.DataFrame]:
-    """Every marker over one pid range, its signatures read from the store here on the worker.
+    spec: PluginSpec,
+    store: PluginConfig,
+    scheme: Scheme,
+    parcels: gpd.GeoDataFrame,
+    only: np.ndarray | None,
+    scenes: pd.DataFrame,
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Every marker over one partition, its signatures read from the store here on the worker,
+    then the rule's verdicts on those results.
 
-    Results come back as tables (built here, in parallel, and cheap to send), not objects.
+    only: the pids to score and judge when the others are context for markers comparing
+    neighbours. Results and verdicts come back as tables (built here, in parallel; cheap to send).
     """
     engine = worker_engine(spec)
     stored = engine.read_store(store, pids=parcels["pid"].tolist())
     series = time_series(stored, scenes, parcels)
-    out: dict[str, pd.DataFrame] = {}
-    for config in scheme.markers:
-        call = engine.plugins.caller(config.plugin, "cbm_marker_run", config.where)
-        name = marker_name(config)
-        out[name] = results_frame(
-            r
-            for batch in _pid_batches(series, MARKER_BATCH)
-            for r in _run_isolated(call, name, batch, config.params)
-        )
-    return out
+    results = engine.run_markers(series, scheme, only)
+    judged = engine.judge(results, parcels if only is None else parcels[parcels["pid"].isin(only)], scheme)
+    by_marker = dict(tuple(results.groupby("marker", sort=False)))
+    return {name: by_marker[name].reset_index(drop=True) for name in scheme.marker_names}, judged
 
 
 # Driver side -------------------------------------------------------------------------------------
@@ -404,8 +406,18 @@ def extract_scenes(
     return report, failed_units
 
 
+def partitions(parcels: gpd.GeoDataFrame, scheme: Scheme, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(member positions, core positions) of pid-sorted parcels: contiguous pid ranges, or, when a
+    marker compares neighbours (context_distance), compact areas plus their surroundings."""
+    distance = max(context_distance(m) for m in scheme.markers)
+    if distance > 0:
+        return list(context_groups(parcels, size, distance))
+    return [(np.arange(s, min(s + size, len(parcels))),) * 2 for s in range(0, len(parcels), size)]
+
+
 def score_partitions(
     client: Any,
+    engine: Engine,
     spec: PluginSpec,
     config: RunConfig,
     parcels: gpd.GeoDataFrame,
@@ -413,56 +425,62 @@ def score_partitions(
     scheme: Scheme,
     options: ClusterConfig,
     run_id: str,
-    quiet: bool | None,
-) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """Run the scheme's markers over contiguous pid partitions; same order as single-process."""
+) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, str]]]:
+    """Score and judge parcel partitions: marker results, the verdict table and the failed units."""
     from distributed import as_completed
 
     ordered = parcels.sort_values("pid", ignore_index=True)
-    size = options.partition_size
-    starts = list(range(0, len(ordered), size))
+    units = partitions(ordered, scheme, options.partition_size)
+    pids = ordered["pid"].to_numpy()
     scenes = client.scatter(pd.DataFrame(catalogue[SCENE_COLUMNS]), broadcast=True, hash=False)
     parts: dict[int, dict[str, pd.DataFrame]] = {}
+    judged: dict[int, pd.DataFrame] = {}
     failed_units: list[dict[str, str]] = []
     window = 2 * max(1, sum(client.nthreads().values()))
-    todo = deque(enumerate(starts))
+    todo = deque(range(len(units)))
     flying: dict[Any, int] = {}
     finished = as_completed()
 
     def fill() -> None:
         while len(flying) < window and todo:
-            index, start = todo.popleft()
-            chunk = ordered.iloc[start : start + size]
+            index = todo.popleft()
+            members, core = units[index]
+            only = None if len(members) == len(core) else pids[core]
             future = client.submit(
-                marker_unit, spec, config.store, scheme, chunk, scenes,
+                marker_unit, spec, config.store, scheme, ordered.iloc[members], only, scenes,
                 key=f"markers-{run_id}-{index}", retries=options.retries,
             )  # fmt: skip
             flying[future] = index
             finished.add(future)
 
     fill()
-    with tqdm(total=len(starts), desc="markers", unit="partition", disable=quiet) as bar:
+    with tqdm(total=len(units), desc="markers", unit="partition", disable=engine._progress_disabled) as bar:
         while flying:
             future = next(finished)
             index = flying.pop(future)
             if future.status == "finished":
-                parts[index] = future.result()
+                parts[index], judged[index] = future.result()
             else:
-                chunk = ordered.iloc[starts[index] : starts[index] + size]
+                core = ordered.iloc[units[index][1]]
                 reason = _unit_error(future)
-                pids = chunk["pid"]
-                failed_units.append({"unit": f"markers pid {pids.iloc[0]}-{pids.iloc[-1]}", "reason": reason})
+                first, last = core["pid"].iloc[0], core["pid"].iloc[-1]
+                failed_units.append({"unit": f"markers pid {first}-{last}", "reason": reason})
                 parts[index] = {
                     name: results_frame(
-                        MarkerResult(name, int(p), Status.NOT_EXECUTED, reason=reason) for p in pids
+                        MarkerResult(name, int(p), Status.NOT_EXECUTED, reason=reason) for p in core["pid"]
                     )
                     for name in scheme.marker_names
                 }
+                judged[index] = engine.judge(pd.concat(parts[index].values()), core, scheme)
             future.release()
             bar.update()
             fill()
-    frames = [parts[i][name] for name in scheme.marker_names for i in range(len(starts))]
-    return (pd.concat(frames, ignore_index=True) if frames else results_frame([]), failed_units)
+    frames = [parts[i][name] for name in scheme.marker_names for i in range(len(units))]
+    results = pd.concat(frames, ignore_index=True) if frames else results_frame([])
+    table = (
+        pd.concat([judged[i] for i in range(len(units))], ignore_index=True) if units else verdict_table([])
+    )
+    return results, table, failed_units
 
 
 def _unit_error(future: Any) -> str:

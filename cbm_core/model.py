@@ -274,12 +274,15 @@ def results_frame(results: Iterable[MarkerResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(MARKER_RESULT_COLUMNS)).astype({"pid": "int64"})
 
 
-def verdicts_frame(verdicts: Iterable[Verdict], parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """Verdicts joined to their parcels' declarations and geometry, reasons as one text."""
-    table = pd.DataFrame(
-        [{"pid": int(v.pid), "light": str(v.light), "reasons": "; ".join(v.reasons)} for v in verdicts],
-        columns=list(VERDICT_COLUMNS),
+def verdict_table(verdicts: Iterable[Verdict]) -> pd.DataFrame:
+    """Verdicts as a plain table (pid, light, reasons as one text): cheap to send between processes."""
+    return pd.DataFrame(
+        [(int(v.pid), str(v.light), "; ".join(v.reasons)) for v in verdicts], columns=list(VERDICT_COLUMNS)
     ).astype({"pid": "int64"})
+
+
+def verdicts_frame(table: pd.DataFrame, parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """A verdict table joined to its parcels' declarations and geometry."""
     declared = parcels[["pid", "crop_code", "crop_name", "geometry"]]
     return gpd.GeoDataFrame(declared.merge(table, on="pid", how="inner"), crs=parcels.crs)
 

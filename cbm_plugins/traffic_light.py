@@ -37,23 +37,25 @@ def cbm_rule_decide(
     results: pd.DataFrame, parcels: gpd.GeoDataFrame, params: Mapping[str, Any]
 ) -> list[Verdict]:
     per_marker = params.get("markers", {})
+    rules = {m: DEFAULT_MARKER_RULE | per_marker.get(m, {}) for m in results["marker"].unique()}
+    applies = {m: set(map(str, r["crops"])) for m, r in rules.items() if "crops" in r}
     rows_by_pid: dict[int, list[dict[str, Any]]] = {}
-    for row in results.to_dict("records"):
+    columns = list(results.columns)
+    for values in zip(*(results[c].tolist() for c in columns), strict=True):
+        row = dict(zip(columns, values, strict=True))
         rows_by_pid.setdefault(int(row["pid"]), []).append(row)
-    issues = parcels.set_index("pid")["issue"] if "issue" in parcels else pd.Series(dtype=str)
-    crops = (
-        dict(zip(parcels["pid"].astype(int), parcels["crop_name"].astype(str), strict=True))
-        if ("crop_name" in parcels)
-        else {}
-    )
+    pids = parcels["pid"].astype(int).tolist()
+    issues = dict(zip(pids, parcels["issue"].tolist(), strict=True)) if "issue" in parcels else {}
+    crops = dict(zip(pids, parcels["crop_name"].astype(str), strict=True)) if "crop_name" in parcels else {}
     verdicts = []
-    for pid in parcels["pid"].to_numpy():
+    for pid in pids:
         outcomes = []
-        for row in rows_by_pid.get(int(pid), []):
-            rule = DEFAULT_MARKER_RULE | per_marker.get(row["marker"], {})
-            if "crops" in rule and crops.get(int(pid)) not in set(map(str, rule["crops"])):
+        for row in rows_by_pid.get(pid, []):
+            marker = row["marker"]
+            if marker in applies and crops.get(pid) not in applies[marker]:
                 continue  # the marker does not apply to this crop
-            outcomes.append((row["marker"], *_judge(row, rule)))
+            rule = rules[marker]
+            outcomes.append((marker, *_judge(row, rule)))
         light = _combine([o for _, o, _ in outcomes], bool(params.get("red_if_any_fails", False)))
         reasons = [r for _, _, r in outcomes] or ["no marker result"]
         passed = [m for m, o, _ in outcomes if o == "pass"]
@@ -64,10 +66,10 @@ def cbm_rule_decide(
             reasons.insert(
                 0, f"conflicting markers: {', '.join(passed)} confirm(s), {', '.join(failed)} contradict(s)"
             )
-        issue = issues.get(pid, "")
-        if issue:
+        issue = issues.get(pid)
+        if isinstance(issue, str) and issue:
             reasons.insert(0, f"parcel: {issue}")
-        verdicts.append(Verdict(int(pid), light, reasons))
+        verdicts.append(Verdict(pid, light, reasons))
     return verdicts
 
 
@@ -79,7 +81,7 @@ def _judge(row: Mapping[str, Any], rule: Mapping[str, Any]) -> tuple[str, str]:
     confidence = row["confidence"]
     if pd.notna(confidence) and confidence < rule["min_confidence"]:
         return "unknown", f"{marker}: confidence {confidence:.2f} below {rule['min_confidence']}"
-    events = [e for e in json.loads(row["events"]) if _counts(e, rule)]
+    events = [e for e in json.loads(row["events"]) if _counts(e, rule)] if row["events"] != "[]" else []
     window = _window_text(rule)
     if events:
         described = ", ".join(

@@ -79,8 +79,8 @@ def _parcel_values(window: RasterWindow, geom: shapely.Geometry) -> np.ndarray |
     if geom is None or geom.is_empty:
         return None
     height, width = window.array.shape
-    left, top = window.transform * (0, 0)
-    right, bottom = window.transform * (width, height)
+    left, top = window.transform @ (0, 0)
+    right, bottom = window.transform @ (width, height)
     minx, miny, maxx, maxy = geom.bounds
     if (
         maxx <= min(left, right)
@@ -96,7 +96,7 @@ def _parcel_values(window: RasterWindow, geom: shapely.Geometry) -> np.ndarray |
     pixels = window.array[row0:row1, col0:col1]
     if pixels.size == 0:
         return np.empty(0, dtype=window.array.dtype)
-    transform = window.transform * window.transform.translation(col0, row0)
+    transform = window.transform @ window.transform.translation(col0, row0)
     inside = ~geometry_mask([geom], out_shape=pixels.shape, transform=transform, all_touched=False)
     values = pixels[inside]
     if window.nodata is not None and not np.isnan(window.nodata):

@@ -33,10 +33,12 @@ from distributed import Client, LocalCluster
 from cbm_core import distributed as dist
 from cbm_core import impl
 from cbm_core.cli import cli
-from cbm_core.config import PluginConfig, load_run_config
+from cbm_core.config import ClusterConfig, PluginConfig, Scheme, load_run_config
 from cbm_core.errors import ConfigError, InputError
+from cbm_core.model import Signatures
 from cbm_core.pipeline import Engine
 from cbm_core.plugins import load_plugins
+from cbm_core.simulate import simulate
 from extractors import zonal
 from sources import local
 
@@ -252,15 +254,44 @@ def test_marker_partition_failure_is_recorded(client, tmp_path) -> None:
     config = load_run_config(write_config(tmp_path, "[cluster]\nretries = 0\npartition_size = 10\n"))
     engine = Engine(progress=False)
     broken = replace(config, store=PluginConfig("nosuchstore", {}, config.base_dir, "[store]"))
-    results, failed = dist.score_partitions(
-        client, (), broken, engine.parcels(config.source), engine.catalogue(config.source),
-        engine.scheme("ndvi-drop", config.base_dir), config.cluster, "t", True,
+    results, verdicts, failed = dist.score_partitions(
+        client, engine, (), broken, engine.parcels(config.source), engine.catalogue(config.source),
+        engine.scheme("ndvi-drop", config.base_dir), config.cluster, "t",
     )  # fmt: skip
     assert sorted(f["unit"] for f in failed) == ["markers pid 1-10", "markers pid 11-18"]
     assert "no plugin named 'nosuchstore'" in failed[0]["reason"]
     assert list(results["pid"]) == list(range(1, 19))
     assert set(results["status"]) == {"NOT_EXECUTED"}
     assert set(results["reason"]) == {f["reason"] for f in failed}
+    assert list(verdicts["pid"]) == list(range(1, 19)) and set(verdicts["light"]) == {"yellow"}
+    assert all("NOT_EXECUTED" in reasons and "nosuchstore" in reasons for reasons in verdicts["reasons"])
+
+
+def test_peers_partitions_keep_neighbours_together(client, tmp_path) -> None:
+    """Partitions smaller than the area: peers on the cluster (signatures from a Parquet store)
+    equals one call over all parcels, and so do the verdicts."""
+    series = simulate(600, seed=33, swap_rate=0.08).series
+    store = PluginConfig("parquet", {"path": str(tmp_path / "store")}, tmp_path, "[store]")
+    engine = Engine(progress=False)
+    scenes = series.stats[["obsid", "obstime", "card", "orbit"]].drop_duplicates("obsid")
+    signatures = Signatures(
+        series.stats.drop(columns=["obstime", "card", "orbit"]), series.scl.drop(columns="obstime")
+    )
+    engine.plugins.caller("parquet", "cbm_store_write", "[store]")(
+        config=store, signatures=signatures, obsids=scenes["obsid"].tolist()
+    )
+    marker = PluginConfig("peers", {"plugin": "peers", "context_distance": 2000.0}, tmp_path, "[[marker]]")
+    scheme = Scheme((marker,), PluginConfig("traffic_light"))
+    config = replace(load_run_config(write_config(tmp_path, "")), store=store)
+    options = ClusterConfig(partition_size=100)  # 600 parcels on a 25 x 24 grid of 300 m: 6 areas
+    results, verdicts, failed = dist.score_partitions(
+        client, engine, (), config, series.parcels, scenes, scheme, options, "peers"
+    )
+    assert not failed and len(dist.partitions(series.parcels, scheme, 100)) == 6
+    whole = engine.run_markers(series, scheme).set_index("pid").sort_index()
+    pd.testing.assert_frame_equal(results.set_index("pid").sort_index(), whole)
+    want = engine.judge(whole.reset_index(), series.parcels, scheme).set_index("pid").sort_index()
+    pd.testing.assert_frame_equal(verdicts.set_index("pid").sort_index(), want)
 
 
 @pytest.fixture
