@@ -28,6 +28,7 @@ configuration (TOML)::
 """
 
 import atexit
+import gc
 import math
 import os
 import re
@@ -56,6 +57,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 from pyproj import Transformer
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbm_core.config import PluginConfig, plugin_config, read_toml
@@ -281,8 +283,12 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
 
     # Authentication and datasets -----------------------------------------------------------
 
-    def user(credentials: Annotated[HTTPBasicCredentials, Depends(basic)]) -> User:
-        found = auth.check(credentials.username, credentials.password)
+    async def user(credentials: Annotated[HTTPBasicCredentials, Depends(basic)]) -> User:
+        # A password verified before is checked on the event loop (a keyed hash); a new or wrong one
+        # costs a scrypt, in a worker thread so that it does not hold up other requests.
+        found = auth.cached(credentials.username, credentials.password)
+        if found is None:
+            found = await run_in_threadpool(auth.check, credentials.username, credentials.password)
         if found is None:
             raise HTTPException(
                 401, "wrong user name or password", headers={"WWW-Authenticate": 'Basic realm="cbm"'}
@@ -477,7 +483,7 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
         # Plain numpy on positions (no pandas reindex or masks): this is the hottest endpoint.
         stats = signatures.stats
         obsid = stats["obsid"].to_numpy()
-        at = scenes.index.get_indexer(obsid)
+        at = scenes.index.get_indexer(pd.Index(obsid, dtype=object))  # as object: no str dtype inference
         keep = np.flatnonzero(at >= 0)
         keep = keep[scenes["card"].to_numpy()[at[keep]] == card]
         epoch, band = scenes["epoch"].to_numpy()[at[keep]], stats["band"].to_numpy()[keep]
@@ -750,8 +756,16 @@ def _hists(scl: pd.DataFrame, scenes: pd.DataFrame) -> pd.DataFrame:
 
 
 def create_app_from_env() -> FastAPI:
-    """uvicorn factory (one per worker process): the configuration path comes from CBM_SERVER_CONFIG."""
-    return create_app(load_server_config(Path(os.environ[CONFIG_ENV])))
+    """uvicorn factory (one per worker process): the configuration path comes from CBM_SERVER_CONFIG.
+
+    The objects made so far (modules, the app) live as long as the worker: gc.freeze() takes them
+    out of the garbage collector's full passes, which otherwise scan them all and stall every
+    request in flight for 50-250 ms now and then.
+    """
+    app = create_app(load_server_config(Path(os.environ[CONFIG_ENV])))
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 @click.command("serve")

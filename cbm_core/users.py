@@ -112,15 +112,28 @@ class Authenticator:
             self._verified = {}
             self._stamp = stamp
 
-    def check(self, name: str, password: str) -> User | None:
-        """The user if the password is right, else None (same work whether or not the user exists)."""
+    def cached(self, name: str, password: str) -> User | None:
+        """The user if this very password was verified before, else None: a keyed hash and a file
+        stat, cheap enough to run on the server's event loop (check() may cost a scrypt)."""
         with self._lock:
             self._refresh()
             user = self._users.get(name)
             verified = self._verified.get(name)
-        digest = hmac.new(self._key, f"{name}\0{password}".encode(), hashlib.sha256).digest()
-        if user is not None and verified is not None and hmac.compare_digest(verified, digest):
+        if (
+            user is not None
+            and verified is not None
+            and hmac.compare_digest(verified, self._digest(name, password))
+        ):
             return user
+        return None
+
+    def check(self, name: str, password: str) -> User | None:
+        """The user if the password is right, else None (same work whether or not the user exists)."""
+        found = self.cached(name, password)
+        if found is not None:
+            return found
+        with self._lock:
+            user = self._users.get(name)
         if user is None:
             hash_password(password, b"\0" * 16)  # as slow as a real check: no user enumeration by timing
             return None
@@ -128,5 +141,8 @@ class Authenticator:
             return None
         with self._lock:
             if self._users.get(name) is user:
-                self._verified[name] = digest
+                self._verified[name] = self._digest(name, password)
         return user
+
+    def _digest(self, name: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{name}\0{password}".encode(), hashlib.sha256).digest()

@@ -288,3 +288,41 @@ def test_bulk_load_from_a_parquet_store_rebuilds_the_keys(postgres, tmp_path):
         definitions = [r[0] for r in cur.fetchall()]
     conn.close()
     assert len(definitions) == 2 and any("(pid, obsid, band)" in d for d in definitions)
+
+
+def test_cluster_puts_each_parcels_rows_together_and_keeps_them(postgres, tmp_path):
+    cfg = config(postgres)
+    pg.init_database(cfg)
+    obsids = [f"S2B_MSIL2A_202309{d:02d}_T31UFS" for d in range(1, 7)]
+    written = fake_signatures(obsids, range(1, 201))
+    for obsid in obsids:  # scene by scene, as extraction writes: a parcel's rows end up far apart
+        pg.cbm_store_write(
+            cfg, Signatures(*(f[f["obsid"] == obsid] for f in (written.stats, written.scl))), [obsid]
+        )
+    before = pg.cbm_store_read(cfg, [17], None, None)
+
+    def physical_pids(table: str) -> list[int]:
+        with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+            cur.execute(pg.sql.SQL("SELECT pid FROM {} ORDER BY ctid").format(pg.sql.Identifier(table)))
+            pids = [r[0] for r in cur.fetchall()]
+        conn.close()
+        return pids
+
+    assert physical_pids(cfg.get("signatures_table")) != sorted(physical_pids(cfg.get("signatures_table")))
+    target = tmp_path / "store.toml"
+    target.write_text(
+        "[store]\n" + "".join(f'{k} = "{v}"\n' for k, v in {**cfg.options, "plugin": "postgis"}.items())
+    )
+    group = CbmGroup("cbm")
+    load_plugins(entry_points=False).hook.cbm_cli_commands(cli=group)
+    result = CliRunner().invoke(group, ["db", "cluster", "--config", str(target)])
+    assert result.exit_code == 0, result.output
+    assert cfg.get("signatures_table") in result.output and cfg.get("hists_table") in result.output
+    for table in (cfg.get("signatures_table"), cfg.get("hists_table")):
+        pids = physical_pids(table)
+        assert pids == sorted(pids) and len(pids) > 0
+    after = pg.cbm_store_read(cfg, [17], None, None)
+    keys = ["pid", "obsid", "band"]
+    pd.testing.assert_frame_equal(sorted_frame(after.stats, keys), sorted_frame(before.stats, keys))
+    pd.testing.assert_frame_equal(sorted_frame(after.scl, ["obsid"]), sorted_frame(before.scl, ["obsid"]))
+    assert len(pg.cbm_store_read(cfg, None, None, None).stats) == len(written.stats)

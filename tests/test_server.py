@@ -25,7 +25,7 @@ from cbm_core.cli import CbmGroup
 from cbm_core.config import PluginConfig
 from cbm_core.pipeline import run
 from cbm_core.server import add_commands, create_app, load_server_config
-from cbm_core.users import make_user, read_users, write_users
+from cbm_core.users import Authenticator, make_user, read_users, write_users
 
 PASSWORD = "correct horse"
 ANN, BOB, ROOT_USER = ("ann", PASSWORD), ("bob", PASSWORD), ("root", PASSWORD)
@@ -183,6 +183,20 @@ def test_authentication_and_authorization(served):
     assert client.get(path, params=params, headers=garbage).status_code == 401
     for endpoint in ("/query/markerResults", "/query/verdicts", "/query/parcelTimeSeries"):
         assert client.get(endpoint, params=params, auth=BOB).status_code == 403
+
+
+def test_only_verified_passwords_skip_the_hash_until_the_users_file_changes(tmp_path):
+    path = tmp_path / "users.json"
+    write_users(path, {"ann": make_user("ann", PASSWORD, ["fl"])})
+    auth = Authenticator(path)
+    assert auth.cached("ann", PASSWORD) is None  # not verified yet: the server must pay the scrypt
+    assert auth.check("ann", "wrong password") is None and auth.cached("ann", "wrong password") is None
+    assert auth.check("ann", PASSWORD).name == "ann"
+    assert auth.cached("ann", PASSWORD).name == "ann"
+    assert auth.cached("ann", PASSWORD + "!") is None and auth.cached("bob", PASSWORD) is None
+    write_users(path, {"ann": make_user("ann", "another password", ["fl", "nl"])})
+    assert auth.cached("ann", PASSWORD) is None and auth.check("ann", PASSWORD) is None
+    assert auth.check("ann", "another password").aois == ("fl", "nl")
 
 
 def test_bad_input_gets_clear_4xx_json(served):
