@@ -2,14 +2,13 @@
 
     python bench/markers.py                       # 10k, 100k and 1M simulated parcel-years
     python bench/markers.py --sizes 10000 --markers mowing
-    python bench/markers.py crop --worldcereal ../shared/data/worldcereal-fra-2023
 
 Throughput: parcel-years of simulated S2 (B02 B03 B04 B08 B11 + SCL) and S1 (backscatter and
 6-day coherence, two orbits) are generated in batches of the engine's marker batch size; only the
 marker calls are timed (simulation is not). Each size runs in a fresh process so its peak RSS is
 its own. Event F1 (+-12 days, one-to-one) of the mowing and ploughing markers is measured against
-the simulator's truth on the same parcels. `crop` reports the crop-type marker's cross-validated
-accuracy on the real WorldCereal parcels and its detection of deliberately swapped declarations.
+the simulator's truth on the same parcels.
+The crop-type marker's benchmark on real parcels is bench/worldcereal.py.
 """
 
 from __future__ import annotations
@@ -35,19 +34,6 @@ from cbm_core.pipeline import MARKER_BATCH  # noqa: E402
 from cbm_core.simulate import simulate  # noqa: E402
 
 TRUTH = {"mowing": ("mowing", "grassland"), "bare_soil": ("ploughing", "arable")}
-# Broad groups of the CROPTYPE_INSEASON_FRANCE classes: a swap inside a group (wheat declared as
-# "cereals") is often not a compliance issue and hardly separable from S2/S1 signatures.
-GROUPS = {
-    "wheat": "cereals",
-    "barley": "cereals",
-    "cereals": "cereals",
-    "spring_barley": "cereals",
-    "sunflower": "oilseeds",
-    "rapeseed_rape": "oilseeds",
-    "soy_soybeans": "oilseeds",
-    "grapes": "permanent",
-    "permanent_crops": "permanent",
-}
 
 
 def one_size(n: int, markers: list[str], batch: int, seed: int) -> dict:
@@ -133,88 +119,6 @@ def throughput(sizes: list[int], markers: list[str], batch: int, seed: int) -> d
     }
 
 
-def crop(worldcereal: Path, kinds: list[str], folds: int, seed: int, legend: str, min_samples: int) -> dict:
-    """Cross-validated accuracy on WorldCereal and recall of swapped declarations at the marker's defaults.
-
-    Each fold's flag threshold comes from that fold's model, calibrated on its own training parcels
-    (inner cross-validation): nothing is tuned on the parcels it is scored on.
-    """
-    sys.path.append(
-        str(Path(__file__).resolve().parent)
-    )  # after the project root: bench/markers.py is not the markers package
-    from worldcereal import worldcereal_tidy
-
-    from cbm_core.evaluate import confusion
-    from cbm_core.score import signatures_series
-    from markers import crop_type
-
-    table, labels = worldcereal_tidy(
-        worldcereal / "2023_FRA_LPIS_POLY_110.geoparquet",
-        worldcereal / "crop_type_class_mappings.csv",
-        worldcereal / "class_mappings.json",
-    )
-    series = signatures_series(table, scale="dn")
-    truth = labels.set_index("pid")[legend]
-    _, X, y, dropped = crop_type.training_set(series, truth, min_samples=min_samples)
-    classes = sorted(set(y))
-    rng = np.random.default_rng(seed)
-    swapped = np.array([rng.choice([c for c in classes if c != v]) for v in y])
-    mc = crop_type.DEFAULTS["min_confidence"]
-    target = crop_type.DEFAULTS["false_flags"]
-    group = {c: GROUPS.get(c, c) for c in classes}
-    across = np.array([group[a] != group[b] for a, b in zip(y, swapped, strict=True)])
-    out = {
-        "legend": legend,
-        "parcels": len(y),
-        "classes": len(classes),
-        "left_out": dropped,
-        "folds": folds,
-        "swaps_across_groups": int(across.sum()),
-    }
-    for kind in kinds:
-        t0 = time.perf_counter()
-        proba, calibration = crop_type.cross_validate(X, y, kind, folds, seed)
-        predicted = np.asarray(classes)[proba.argmax(axis=1)]
-        matrix = confusion(pd.Series(y), pd.Series(predicted))
-
-        out[kind] = {
-            "overall_accuracy": matrix["overall_accuracy"],
-            **_flag_rates(proba, calibration, classes, y, swapped, across, mc, target),
-            "thresholds": {"min_confidence": mc, "false_flags": target},
-            "tradeoff_false_flags": {
-                str(t): _flag_rates(proba, calibration, classes, y, swapped, across, mc, t)
-                for t in (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1)
-            },
-            "recall_by_class": matrix["recall"],
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-    return out
-
-
-def _flag_rates(
-    proba: np.ndarray,
-    calibration: np.ndarray,
-    classes: list[str],
-    y: np.ndarray,
-    swapped: np.ndarray,
-    across: np.ndarray,
-    min_confidence: float,
-    false_flags: float,
-) -> dict:
-    """Flags at each fold model's own calibrated threshold for a target false-flag rate."""
-    from markers import crop_type
-
-    ratio = np.array([np.interp(false_flags, crop_type.CALIBRATION_GRID, c) for c in calibration])
-    honest = crop_type.flags(proba, classes, y, min_confidence, ratio)
-    caught = crop_type.flags(proba, classes, swapped, min_confidence, ratio)
-    return {
-        "false_flag_rate": round(float(honest.mean()), 4),
-        "swap_recall": round(float(caught.mean()), 4),
-        "swap_recall_across_groups": round(float(caught[across].mean()), 4),
-        "max_declared_ratio_by_fold": sorted({round(float(r), 4) for r in ratio}),
-    }
-
-
 def _peak_rss_mb() -> float:
     """This process's own peak resident memory (VmHWM; ru_maxrss would inherit the parent's peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -250,22 +154,11 @@ def main() -> None:
     one.add_argument("--markers", nargs="+", default=["mowing", "bare_soil"])
     one.add_argument("--batch", type=int, default=MARKER_BATCH)
     one.add_argument("--seed", type=int, default=42)
-    c = sub.add_parser("crop", help="crop-type marker on the WorldCereal parcels")
-    c.add_argument("--worldcereal", type=Path, required=True)
-    c.add_argument("--kinds", nargs="+", default=["sklearn", "keras"])
-    c.add_argument("--folds", type=int, default=5)
-    c.add_argument("--legend", default="CROPTYPE_INSEASON_FRANCE")
-    c.add_argument("--min-samples", type=int, default=8)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.command == "one":
         print(json.dumps(one_size(args.n, args.markers, args.batch, args.seed)))
         return
-    if args.command == "crop":
-        report = crop(args.worldcereal, args.kinds, args.folds, args.seed, args.legend, args.min_samples)
-    else:
-        report = throughput(args.sizes, args.markers, args.batch, args.seed)
+    report = throughput(args.sizes, args.markers, args.batch, args.seed)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

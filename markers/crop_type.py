@@ -5,13 +5,14 @@ S2 bands, indices, red-edge ratios and S1 backscatter (dB, and the VH/VV ratio),
 interpolation, so that parcels with different acquisition dates share one layout. Two model
 kinds: a scikit-learn soft-voting ensemble of extremely randomised trees and a logistic regression
 on the composites plus per-channel percentiles (the default, robust on a few hundred samples), and
-a small TensorFlow/Keras 1-D CNN. A parcel is flagged when its declared crop is much less likely
-than the predicted one: p(declared) / p(predicted) at most a threshold that training calibrates on
-out-of-fold predictions of the training parcels, for a target false-flag rate, so that no
-threshold is tuned on the parcels a model is judged on. A model file (folder or .zip) holds the
-model plus spec.json: the feature spec, the classes, the per-channel normalisation, that
-calibration and the library versions; a model whose spec does not match what this code computes is
-refused with the reason instead of silently predicting garbage.
+a small TensorFlow/Keras 1-D CNN, both trained on the parcels plus copies shifted by 5 and 10 days
+either way (few parcels: the model must not learn exact dates). A parcel is flagged when its
+declared crop is much less likely than the predicted one: p(declared) / p(predicted) at most a
+threshold that training calibrates on out-of-fold predictions of the training parcels, for a
+target false-flag rate, so that no threshold is tuned on the parcels a model is judged on. A
+model file (folder or .zip) holds the model plus spec.json: the feature spec, the classes, the
+per-channel normalisation, that calibration and the library versions; a model whose spec does not
+match what this code computes is refused with the reason instead of silently predicting garbage.
 
 `cbm train` (added to the command line by this plugin) fits and writes such a model.
 """
@@ -56,6 +57,11 @@ DEFAULT_SPEC: dict[str, Any] = {
     "s1_ratio": True,  # and VH - VV in dB (volume scattering, high over broad-leaved canopies)
     "min_s2_obs": 4,
 }
+# Training-time augmentation: each training parcel is added again with its profile moved by these
+# many bins (fractions interpolate between bins): -10, -5, +5 and +10 days. Sowing and growth vary
+# by days to weeks between parcels and years; on a few hundred parcels the models otherwise tie a
+# class to exact bins.
+TIME_SHIFTS: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
 CALIBRATION_GRID = [round(0.005 * k, 3) for k in range(1, 61)]  # false-flag rates 0.5 % .. 30 %
 DEFAULTS: dict[str, Any] = {
     "model": None,  # path of the model folder or .zip (required; relative to the scheme's folder)
@@ -179,6 +185,22 @@ def features(
 # Models -------------------------------------------------------------------------------------
 
 
+def shifted(X: np.ndarray, bins: float) -> np.ndarray:
+    """X moved ``bins`` bins later (negative: earlier) along the time axis, edge bins repeated."""
+
+    def whole(k: int) -> np.ndarray:
+        out = np.roll(X, k, axis=1)
+        if k > 0:
+            out[:, :k] = X[:, :1]
+        elif k < 0:
+            out[:, k:] = X[:, -1:]
+        return out
+
+    lo = int(np.floor(bins))
+    w = bins - lo
+    return whole(lo) if w == 0 else (1 - w) * whole(lo) + w * whole(lo + 1)
+
+
 @dataclass
 class CropModel:
     """A fitted crop-type model with everything needed to use it correctly later."""
@@ -192,6 +214,7 @@ class CropModel:
     # p(declared) / p(predicted) thresholds for the false-flag rates of CALIBRATION_GRID, from
     # out-of-fold predictions of the training parcels (None: not calibrated)
     calibration: np.ndarray | None = None
+    time_shifts: tuple[float, ...] = ()  # the training augmentation (a record, not needed to predict)
 
     def prepare(self, X: np.ndarray) -> np.ndarray:
         Z = (X - self.mean) / self.std
@@ -249,6 +272,7 @@ class CropModel:
                 "calibration": None
                 if self.calibration is None
                 else {"false_flags": CALIBRATION_GRID, "max_declared_ratio": self.calibration.tolist()},
+                "training": {"time_shifts_bins": list(self.time_shifts)},
                 "versions": _versions(self.kind),
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
@@ -329,6 +353,7 @@ def load_model(path: Path, expected_spec: Mapping[str, Any] | None = None) -> Cr
             if calibration.get("false_flags") != CALIBRATION_GRID:
                 raise ModelSpecError(f"{path}: calibration made on another grid of false-flag rates")
             shell.calibration = np.array(calibration["max_declared_ratio"], dtype=float)
+        shell.time_shifts = tuple(meta.get("training", {}).get("time_shifts_bins", ()))
         if meta.get("n_features") != shell.n_features() or len(shell.mean) != n_channels:
             raise ModelSpecError(f"{path}: spec.json is inconsistent with its feature spec")
         if kind == "sklearn":
@@ -363,11 +388,14 @@ def fit(
     seed: int = 0,
     epochs: int = 80,
     calibration_folds: int = 5,
+    time_shifts: Sequence[float] = TIME_SHIFTS,
 ) -> CropModel:
     """Fit a model on feature arrays from features() (rows with NaN features must be removed first).
 
-    With calibration_folds, the flag threshold is calibrated on out-of-fold predictions of these
-    same parcels (k extra fits), so it never depends on parcels the model is later judged on.
+    The training parcels are augmented with copies moved by ``time_shifts`` bins. With
+    calibration_folds, the flag threshold is calibrated on out-of-fold predictions of these same
+    parcels (k extra fits, each augmenting only its own training part), so it never depends on
+    parcels the model is later judged on.
     """
     spec = dict(spec or DEFAULT_SPEC)
     y = np.asarray([str(v) for v in y])
@@ -375,9 +403,9 @@ def fit(
     mean = np.nanmean(X, axis=(0, 1))
     std = np.nanstd(X, axis=(0, 1))
     std = np.where(std > 0, std, 1.0)
-    shell = CropModel(kind, None, spec, classes, mean, std)
-    Z = shell.prepare(X)
-    target = np.searchsorted(classes, y)
+    shell = CropModel(kind, None, spec, classes, mean, std, time_shifts=tuple(time_shifts))
+    Z = shell.prepare(np.concatenate([X, *(shifted(X, s) for s in time_shifts)]))
+    target = np.tile(np.searchsorted(classes, y), 1 + len(time_shifts))
     if kind == "sklearn":
         model = _fit_sklearn(Z, target, seed)
     elif kind == "keras":
@@ -386,7 +414,17 @@ def fit(
         raise InputError(f"unknown model kind {kind!r}: use 'sklearn' or 'keras'")
     shell.model = model
     if calibration_folds:
-        proba, _ = cross_validate(X, y, kind, calibration_folds, seed + 1, epochs, spec, calibration_folds=0)
+        proba, _ = cross_validate(
+            X,
+            y,
+            kind,
+            calibration_folds,
+            seed + 1,
+            epochs,
+            spec,
+            calibration_folds=0,
+            time_shifts=time_shifts,
+        )
         shell.calibration = calibrate(proba, classes, y)
     return shell
 
@@ -455,6 +493,7 @@ def cross_validate(
     epochs: int = 80,
     spec: Mapping[str, Any] | None = None,
     calibration_folds: int = 5,
+    time_shifts: Sequence[float] = TIME_SHIFTS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold class probabilities (columns = sorted classes of y) by stratified k-fold, and for
     each parcel the calibration of the fold model that predicted it (NaN without calibration_folds).
@@ -467,7 +506,7 @@ def cross_validate(
     calibration = np.full((len(y), len(CALIBRATION_GRID)), np.nan)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for train, test in splitter.split(X, y):
-        model = fit(X[train], y[train], kind, spec, seed, epochs, calibration_folds)
+        model = fit(X[train], y[train], kind, spec, seed, epochs, calibration_folds, time_shifts)
         cols = np.searchsorted(classes, model.classes)
         proba[np.ix_(test, cols)] = model.predict_proba(X[test])
         if model.calibration is not None:

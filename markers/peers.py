@@ -39,7 +39,32 @@ DEFAULTS: dict[str, Any] = {
 
 @impl
 def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
+    problem = context_problem(params)
+    if problem:  # the engine's call: warn about a scheme whose batches cut neighbourhoods
+        warnings.warn(problem, UserWarning, stacklevel=2)
     return run(series, params)
+
+
+def context_problem(params: Mapping[str, Any]) -> str | None:
+    """Why the engine's batches would hide peers from each other under these scheme options (None: fine).
+
+    Without ``context_distance`` the engine batches parcels by pid, so a parcel's neighbours in
+    another batch are silently not compared and its score depends on the batch size.
+    """
+    name = params.get("name", NAME)
+    distance = float(params.get("distance", DEFAULTS["distance"]))
+    context = float(params.get("context_distance") or 0.0)
+    if context <= 0:
+        return (
+            f"marker {name!r} (peers) has no context_distance: batches cut neighbourhoods and parcels "
+            f"lose peers at batch edges; set context_distance = {distance:g} (at least distance)"
+        )
+    if context < distance:
+        return (
+            f"marker {name!r} (peers): context_distance {context:g} is below distance {distance:g}, "
+            "so peers between those distances are lost at batch edges"
+        )
+    return None
 
 
 def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[MarkerResult]:

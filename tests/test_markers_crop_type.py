@@ -49,6 +49,18 @@ def test_features_share_one_grid(train_scenario):
     assert ndvi[grass, mid_may].mean() > ndvi[maize, mid_may].mean() + 0.3  # maize is not up yet
 
 
+def test_time_shifted_training_copies():
+    """Augmentation moves whole profiles along the grid, repeating the edge bin, never wrapping."""
+    X = np.arange(10, dtype=float).reshape(2, 5, 1) ** 2
+    later, earlier = ct.shifted(X, 1), ct.shifted(X, -1)
+    np.testing.assert_array_equal(later[:, 1:], X[:, :-1])
+    np.testing.assert_array_equal(later[:, 0], X[:, 0])
+    np.testing.assert_array_equal(earlier[:, :-1], X[:, 1:])
+    np.testing.assert_array_equal(earlier[:, -1], X[:, -1])
+    np.testing.assert_allclose(ct.shifted(X, 0.5)[:, 1:], 0.5 * (X[:, 1:] + X[:, :-1]))  # 5 days later
+    np.testing.assert_array_equal(ct.shifted(X, 0), X)
+
+
 def test_marker_flags_swapped_declarations(model):
     scenario = simulate(200, seed=42, swap_rate=0.15)
     proba = model.predict_proba(ct.features(scenario.series, SIM_SPEC)[1])
@@ -72,6 +84,9 @@ def test_model_file_round_trip_and_marker(tmp_path, model):
     assert zipfile.ZipFile(tmp_path / "model.zip").namelist().count("spec.json") == 1
     meta = json.loads((tmp_path / "folder-model" / "spec.json").read_text())
     assert meta["versions"]["scikit-learn"] and meta["feature_spec"]["version"] == ct.FEATURE_SPEC_VERSION
+    assert (
+        meta["training"]["time_shifts_bins"] == list(ct.TIME_SHIFTS) and again.time_shifts == ct.TIME_SHIFTS
+    )
     results = ct.run(scenario.series, {"model": str(tmp_path / "model.zip")})
     assert len(results) == 60 and all(r.status == Status.OK for r in results)
     swapped = scenario.series.parcels["crop_name"].to_numpy() != scenario.actual_crop.to_numpy()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from cbm_core import pipeline
 from cbm_core.config import PluginConfig, Scheme
@@ -57,8 +61,27 @@ def test_engine_batches_keep_neighbours_together(monkeypatch):
         scheme = Scheme((PluginConfig("peers", {"plugin": "peers", **options}),), rule)
         return engine.run_markers(scenario.series, scheme).set_index("pid").loc[whole.index]
 
-    with_context = batched({"context_distance": 2000.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with_context = batched({"context_distance": 2000.0})
+    assert not [w for w in caught if "context_distance" in str(w.message)]
     assert with_context["marker"].eq("peers").all() and len(with_context) == 600
     pd.testing.assert_frame_equal(with_context.drop(columns="marker"), whole.drop(columns="marker"))
-    cut_off = batched({})
+    with pytest.warns(UserWarning, match="no context_distance: batches cut neighbourhoods"):
+        cut_off = batched({})
     assert (cut_off["values"] != whole["values"]).sum() > 100  # the old behaviour: peers lost at batch edges
+
+
+def test_schemes_without_context_are_warned_about():
+    """The check is the marker's own: the shipped recipe passes, a too-small context is named."""
+    engine = Engine(progress=False)
+    scheme = engine.scheme("crop-declaration", Path.cwd())
+    assert [peers.context_problem(m.params) for m in scheme.markers if m.plugin == "peers"] == [None]
+    assert "no context_distance" in peers.context_problem({"name": "nearby"})
+    small = peers.context_problem({"distance": 2000.0, "context_distance": 500.0})
+    assert "context_distance 500 is below distance 2000" in small
+    scenario = simulate(30, seed=34)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(peers.run(scenario.series, {})) == 30  # a direct call on all parcels cuts nothing
+    assert not caught
