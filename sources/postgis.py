@@ -516,13 +516,7 @@ def bulk_load(config: PluginConfig, obsids: Sequence[str], read: Callable[[str],
         _delete_scenes(cur, names, list(ids.values()))  # while the obsid indexes still exist
         rebuild = []
         for table in (names.signatures, names.hists):
-            cur.execute(
-                "SELECT c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c"
-                " JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace"
-                " WHERE n.nspname = %s AND t.relname = %s AND c.contype = 'p'",
-                (names.schema, table),
-            )
-            for name, definition in cur.fetchall():
+            for name, definition, _ in _primary_keys(cur, names.schema, table):
                 cur.execute(
                     sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
                         names.ident(table), sql.Identifier(name)
@@ -563,6 +557,17 @@ def bulk_load(config: PluginConfig, obsids: Sequence[str], read: Callable[[str],
     return transaction(config, work)
 
 
+def _primary_keys(cur: psycopg2.extensions.cursor, schema: str, table: str) -> list[tuple[str, str, str]]:
+    """A table's primary key (none or one): constraint name, definition, index name."""
+    cur.execute(
+        "SELECT c.conname, pg_get_constraintdef(c.oid), i.relname FROM pg_constraint c"
+        " JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace"
+        " JOIN pg_class i ON i.oid = c.conindid WHERE n.nspname = %s AND t.relname = %s AND c.contype = 'p'",
+        (schema, table),
+    )
+    return cur.fetchall()
+
+
 def cluster_signatures(config: PluginConfig) -> list[str]:
     """Rewrite the signature and histogram tables in primary-key (pid) order; return the tables.
 
@@ -578,18 +583,12 @@ def cluster_signatures(config: PluginConfig) -> list[str]:
         cur.execute("SET LOCAL maintenance_work_mem = %s", (str(config.get("bulk_memory", "512MB")),))
         done = []
         for table in (names.signatures, names.hists):
-            cur.execute(
-                "SELECT i.relname FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid"
-                " JOIN pg_namespace n ON n.oid = t.relnamespace JOIN pg_class i ON i.oid = c.conindid"
-                " WHERE n.nspname = %s AND t.relname = %s AND c.contype = 'p'",
-                (names.schema, table),
-            )
-            key = cur.fetchone()
-            if key is None:
+            keys = _primary_keys(cur, names.schema, table)
+            if not keys:
                 raise InputError(
                     f"{names.schema}.{table} has no primary key to cluster on (run `cbm db init`)"
                 )
-            cur.execute(sql.SQL("CLUSTER {} USING {}").format(names.ident(table), sql.Identifier(key[0])))
+            cur.execute(sql.SQL("CLUSTER {} USING {}").format(names.ident(table), sql.Identifier(keys[0][2])))
             cur.execute(sql.SQL("ANALYZE {}").format(names.ident(table)))  # new physical order
             done.append(f"{names.schema}.{table}")
         return done
