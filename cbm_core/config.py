@@ -143,7 +143,7 @@ class ClusterConfig:
     threads_per_worker: int = 1
     memory_limit: str = "auto"  # per local worker, e.g. "4GiB"; dask spills and restarts past it
     retries: int = 2  # extra attempts for a unit that raises (a killed worker is rescheduled besides)
-    partition_size: int = 20_000  # parcels per marker unit: bounds a worker's memory
+    partition_size: int = 20_000  # most parcels per marker unit: bounds a worker's memory
     claim_wait: float = 600.0  # seconds to wait for scenes another run has claimed before giving up
 
     @property

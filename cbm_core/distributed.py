@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import os
 import socket
 import sys
@@ -61,6 +62,7 @@ from cbm_core.plugins import load_plugins
 CLAIM_CHUNK = 64  # scenes offered per claim call: one round trip, whatever the catalogue size
 CLAIM_POLL = 5.0  # seconds between looks at scenes another run is extracting
 SCENE_COLUMNS = ["obsid", "obstime", "card", "orbit"]  # what marker units need of the catalogue
+MIN_PARTITION = 1000  # parcels: smaller marker units cost more in overhead than they gain in balance
 PARCEL_CACHE = 2  # footprints whose parcels a worker keeps: units in a row often share a tile
 SCHEDULER_LOST = (
     "the dask scheduler dropped this run's work (restarted or unreachable); "
@@ -406,6 +408,13 @@ def extract_scenes(
     return report, failed_units
 
 
+def partition_size(parcels: int, largest: int, threads: int) -> int:
+    """Parcels per marker unit: at most `largest` (the memory bound), and small enough that a small
+    run still gives every worker thread two units (a 10k-parcel run is not one unit on one worker),
+    but not below MIN_PARTITION, where per-unit overheads would dominate."""
+    return min(largest, max(MIN_PARTITION, math.ceil(parcels / (2 * threads))))
+
+
 def partitions(parcels: gpd.GeoDataFrame, scheme: Scheme, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(member positions, core positions) of pid-sorted parcels: contiguous pid ranges, or, when a
     marker compares neighbours (context_distance), compact areas plus their surroundings."""
@@ -430,13 +439,14 @@ def score_partitions(
     from distributed import as_completed
 
     ordered = parcels.sort_values("pid", ignore_index=True)
-    units = partitions(ordered, scheme, options.partition_size)
+    threads = max(1, sum(client.nthreads().values()))
+    units = partitions(ordered, scheme, partition_size(len(ordered), options.partition_size, threads))
     pids = ordered["pid"].to_numpy()
     scenes = client.scatter(pd.DataFrame(catalogue[SCENE_COLUMNS]), broadcast=True, hash=False)
     parts: dict[int, dict[str, pd.DataFrame]] = {}
     judged: dict[int, pd.DataFrame] = {}
     failed_units: list[dict[str, str]] = []
-    window = 2 * max(1, sum(client.nthreads().values()))
+    window = 2 * threads
     todo = deque(range(len(units)))
     flying: dict[Any, int] = {}
     finished = as_completed()

@@ -267,6 +267,14 @@ def test_marker_partition_failure_is_recorded(client, tmp_path) -> None:
     assert all("NOT_EXECUTED" in reasons and "nosuchstore" in reasons for reasons in verdicts["reasons"])
 
 
+@pytest.mark.parametrize(
+    ("parcels", "threads", "size"),
+    [(1_000_000, 2, 20_000), (10_000, 2, 2_500), (10_000, 8, 1_000), (50, 2, 1_000)],
+)
+def test_small_runs_still_spread_over_every_worker(parcels, threads, size) -> None:
+    assert dist.partition_size(parcels, 20_000, threads) == size
+
+
 def test_peers_partitions_keep_neighbours_together(client, tmp_path) -> None:
     """Partitions smaller than the area: peers on the cluster (signatures from a Parquet store)
     equals one call over all parcels, and so do the verdicts."""
