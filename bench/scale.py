@@ -145,6 +145,7 @@ def measure(size: int, workers: int) -> dict:
 
     dist.score_partitions = timed
     with (
+        dist.worker_environment(),  # as `cbm run --workers N` starts its workers
         LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster,

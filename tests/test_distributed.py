@@ -186,6 +186,16 @@ def test_cli_runs_on_a_cluster_and_prints_the_dashboard(client, reference, tmp_p
     assert both.exit_code == 2 and "either --cluster" in both.output
 
 
+def test_local_workers_started_for_a_run_give_the_same_results(reference, tmp_path) -> None:
+    """`cbm run --workers N`: the engine's own LocalCluster, its workers spawned with the heap setting."""
+    config = load_run_config(write_config(tmp_path))
+    with dist.connect(ClusterConfig(workers=1, memory_limit="2GiB")) as own:
+        Engine(progress=False).run(config, cluster=own)
+        environ = own.run(lambda: {k: os.environ.get(k) for k in dist.WORKER_ENVIRON})
+    assert_same(outputs(config), reference)
+    assert list(environ.values()) == [{k: str(v) for k, v in dist.WORKER_ENVIRON.items()}]
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
