@@ -38,11 +38,11 @@ from servers import CbmServer, PostgresCluster  # noqa: E402
 
 import sources.postgis as pg  # noqa: E402
 from cbm_core.config import PluginConfig  # noqa: E402
+from cbm_core.server import TS_COLUMNS  # noqa: E402
 from cbm_core.users import make_user, write_users  # noqa: E402
 
 PASSWORD = "bench-password"
-COLUMNS = ("date_part", "band", "count", "mean", "std", "min", "p25", "p50", "p75", "max", "obsid", "orbit")
-COLUMNS = ("date_part", "band", "count", "mean", "std", "min", "p25", "p50", "p75", "max", "obsid", "orbit")
+COLUMNS = (*TS_COLUMNS, "obsid", "orbit")  # every column of a parcelTimeSeries answer
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -6,8 +6,9 @@ Two kinds of unit, both idempotent so any of them may run twice (a killed worker
   the scene's footprint (the last few footprints cached), extracts the scene and writes it to the
   store itself, so signatures never travel through the scheduler and a worker's memory is bounded
   by one footprint's parcels, not the country's;
-* one marker partition: a contiguous pid range, read from the store on the worker, scored and
-  judged by the scheme's rule there; only the small result and verdict tables come back, so a
+* one marker partition: a contiguous pid range (or, when a marker compares neighbours, a compact
+  area with its surroundings as context), read from the store on the worker, scored and judged
+  by the scheme's rule there; only the small result and verdict tables come back, so a
   worker's memory is bounded by the partition size, not the country, and the driver's serial
   share stays small.
 

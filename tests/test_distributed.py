@@ -33,7 +33,7 @@ from distributed import Client, LocalCluster
 from cbm_core import distributed as dist
 from cbm_core import impl
 from cbm_core.cli import cli
-from cbm_core.config import ClusterConfig, PluginConfig, Scheme, load_run_config
+from cbm_core.config import ClusterConfig, PluginConfig, RunConfig, Scheme, load_run_config
 from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import Signatures
 from cbm_core.pipeline import Engine
@@ -155,6 +155,17 @@ def start_driver(config_path: Path, client: Client) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
 
 
+def kill_driver_half_way(config: RunConfig, client: Client) -> None:
+    """Start `cbm run` on the configuration in a subprocess and kill it once two scenes are stored."""
+    driver = start_driver(config.path, client)
+    try:
+        wait_until(lambda: stored_scenes(config) >= 2)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert stored_scenes(config) < S2_SCENES, "the run was not interrupted half-way"
+
+
 def wait_until(condition, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -225,15 +236,8 @@ def test_killed_worker_mid_run_loses_nothing(client, reference, tmp_path) -> Non
 
 
 def test_killed_run_resumes_without_gaps_or_duplicates(client, reference, tmp_path) -> None:
-    config_path = write_config(tmp_path, SLOW.format(options="sleep = 0.4"))
-    config = load_run_config(config_path)
-    driver = start_driver(config_path, client)
-    try:
-        wait_until(lambda: stored_scenes(config) >= 2)
-    finally:
-        driver.kill()
-        driver.wait()
-    assert stored_scenes(config) < S2_SCENES, "the run was not interrupted half-way"
+    config = load_run_config(write_config(tmp_path, SLOW.format(options="sleep = 0.4")))
+    kill_driver_half_way(config, client)
     assert not list((config.store.path("path")).rglob("*.tmp"))
     result = test_engine().run(config, cluster=client)
     assert (
@@ -395,13 +399,7 @@ def test_postgis_killed_run_resumes_after_its_claims_lapse(
 ) -> None:
     monkeypatch.setattr(dist, "CLAIM_POLL", 0.2)
     config = postgis_config(tmp_path, postgres, "sleep = 0.4", lease=2)
-    driver = start_driver(config.path, client)
-    try:
-        wait_until(lambda: stored_scenes(config) >= 2)
-    finally:
-        driver.kill()
-        driver.wait()
-    assert stored_scenes(config) < S2_SCENES, "the run was not interrupted half-way"
+    kill_driver_half_way(config, client)
     result = test_engine().run(config, cluster=client)
     scenes = result.summary["scenes"]
     assert not scenes["failed"] and scenes["extracted"] + scenes["skipped_already_stored"] == S2_SCENES
