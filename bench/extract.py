@@ -9,7 +9,7 @@ memory, ru_maxrss, is its own), checks that the results agree and prints one JSO
     .venv/bin/python bench/extract.py --size 10980 --parcels 500000 --dates 2 --contenders decode,cbm
 
 Contenders: ``decode`` (read the band from its GeoTIFF, the practical floor), ``cbm`` (the
-s2_l2a plugin end to end through cbm_core.raster.read_window, first date with rasterization and
+s2_l2a plugin end to end through sources._raster.read_window, first date with rasterization and
 a cold disk cache, then cached dates; also the in-memory reduction alone and the all_touched
 variant), ``exactextract_memory`` (NumPy raster source, the array already decoded),
 ``exactextract_file`` and ``rasterstats`` (array + affine). GDAL decodes with GDAL_NUM_THREADS
@@ -185,10 +185,10 @@ def worker_cbm(workdir: Path, dates: int) -> dict:
     import geopandas as gpd
     import pandas as pd
 
-    from cbm_core import zonal
     from cbm_core.config import PluginConfig
-    from cbm_core.raster import read_window
+    from extractors import _kernels as zonal
     from extractors import s2_l2a
+    from sources._raster import read_window
 
     parcels = gpd.read_parquet(workdir / "parcels.parquet")
     cache_dir = workdir / "pixel-index"

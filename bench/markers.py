@@ -29,9 +29,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cbm_core.evaluate import event_scores, events_table  # noqa: E402
 from cbm_core.pipeline import MARKER_BATCH  # noqa: E402
-from cbm_core.simulate import simulate  # noqa: E402
+from markers._evaluate import event_scores, events_table  # noqa: E402
+from markers._simulate import simulate  # noqa: E402
 
 TRUTH = {"mowing": ("mowing", "grassland"), "bare_soil": ("ploughing", "arable")}
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from cbm_core import impl  # noqa: E402
 from cbm_core.model import Signatures  # noqa: E402
-from cbm_core.simulate import CROPS, simulate  # noqa: E402
+from markers._simulate import CROPS, simulate  # noqa: E402
 
 PARTITION = 10_000  # parcels per marker unit: 10 units at 100k keep 2 workers evenly busy
 

@@ -114,9 +114,9 @@ def crop_benchmark(
     their mean, with the range and the seed-0 draw.
     """
     sys.path.insert(0, str(ROOT))
-    from cbm_core.evaluate import confusion
-    from cbm_core.score import signatures_series
     from markers import crop_type
+    from markers._evaluate import confusion
+    from sources.table import signatures_series
 
     table, labels = worldcereal_tidy(
         worldcereal / "2023_FRA_LPIS_POLY_110.geoparquet",

@@ -1,7 +1,8 @@
 """cbm-engine core: hook specifications, plugin manager, data model, pipeline, CLI and API.
 
 Plugin authors need `impl` (the hook implementation marker) and the model classes; analysts
-use the functions re-exported here (see cbm_core.api).
+use the functions re-exported here (see cbm_core.api). Plots, chips and reports come with the
+analyst plugin (`from cbm_plugins import analyst`).
 """
 
 from cbm_core.hookspecs import impl
@@ -20,52 +21,44 @@ from cbm_core.model import (
 
 __all__ = [
     "BandRef",
+    "Engine",
     "Event",
     "Light",
     "MarkerResult",
+    "PluginConfig",
     "RasterWindow",
     "Scene",
+    "Scheme",
     "Signatures",
     "Status",
     "TimeSeries",
     "Verdict",
-    "calendar",
     "decide",
     "extract",
-    "flagged_pids",
     "impl",
-    "open_run",
-    "plot_parcel",
-    "plot_peers",
     "read_catalogue",
-    "read_chips",
     "read_parcels",
     "run",
     "run_markers",
     "time_series",
-    "write_chips",
-    "write_report",
 ]
 
 
-def __getattr__(name: str):
-    """Load the analyst API on first use, so plugins importing `impl` stay light."""
-    from cbm_core.api import ANALYST
+_API = {"decide", "extract", "read_catalogue", "read_parcels", "run", "run_markers", "time_series"}
 
-    if name in {
-        "decide",
-        "extract",
-        "read_catalogue",
-        "read_parcels",
-        "run_markers",
-        "time_series",
-        *ANALYST,
-    }:
+
+def __getattr__(name: str):
+    """Load the engine and the analyst API on first use, so plugins importing `impl` stay light."""
+    if name in _API:
         from cbm_core import api
 
         return getattr(api, name)
-    if name == "run":
-        from cbm_core.pipeline import run
+    if name == "Engine":
+        from cbm_core.pipeline import Engine
 
-        return run
+        return Engine
+    if name in ("PluginConfig", "Scheme"):
+        from cbm_core import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'cbm_core' has no attribute {name!r}")

@@ -20,21 +20,11 @@ from typing import Any
 import geopandas as gpd
 import pandas as pd
 
-from cbm_core.config import PluginConfig, Scheme
-from cbm_core.model import Signatures, TimeSeries
-from cbm_core.pipeline import Engine, time_series
-
-# Analyst front doors, imported on first use (they pull in matplotlib): name -> module.
-ANALYST = {
-    "open_run": "cbm_core.plots",
-    "plot_parcel": "cbm_core.plots",
-    "plot_peers": "cbm_core.plots",
-    "read_chips": "cbm_core.chips",
-    "calendar": "cbm_core.chips",
-    "write_chips": "cbm_core.chips",
-    "write_report": "cbm_core.report",
-    "flagged_pids": "cbm_core.report",
-}
+from cbm_core import runs
+from cbm_core.config import PluginConfig, Scheme, load_run_config
+from cbm_core.model import Signatures, TimeSeries, time_series
+from cbm_core.outputs import RunResult
+from cbm_core.pipeline import Engine
 
 __all__ = [
     "decide",
@@ -42,9 +32,9 @@ __all__ = [
     "extract",
     "read_catalogue",
     "read_parcels",
+    "run",
     "run_markers",
     "time_series",
-    *ANALYST,
 ]
 
 PathLike = str | os.PathLike[str]
@@ -54,6 +44,27 @@ PathLike = str | os.PathLike[str]
 def engine() -> Engine:
     """The process-wide engine with every installed plugin loaded (once)."""
     return Engine()
+
+
+def run(config_path: PathLike, force: bool = False, progress: bool | None = None) -> RunResult:
+    """Run a configuration file end to end (the Python twin of `cbm run`).
+
+    Parameters
+    ----------
+    config_path: the run configuration (TOML), as `cbm run` takes it.
+    force: extract every scene again, even those already stored.
+    progress: progress bars (None: on terminals only).
+
+    Returns
+    -------
+    RunResult with parcels, catalogue, series, marker results, verdicts and the summary.
+
+    Examples
+    --------
+    >>> result = run("demo/flanders.toml")  # doctest: +SKIP
+    >>> result.verdicts["light"].value_counts()  # doctest: +SKIP
+    """
+    return Engine(progress=progress).run(load_run_config(Path(config_path)), force=force)
 
 
 def read_parcels(path: PathLike, *, source: str = "local", **options: Any) -> gpd.GeoDataFrame:
@@ -103,18 +114,60 @@ def decide(
     return engine().decide(results, parcels, _scheme(scheme))
 
 
+def read_signatures(
+    path: PathLike,
+    parcels: PathLike | None = None,
+    *,
+    scale: str | float = "reflectance",
+    offset: float = 0.0,
+    source: str = "table",
+) -> TimeSeries:
+    """Ready-made signatures (a tidy Parquet/CSV table, as `cbm score` reads) as a TimeSeries.
+
+    Parameters
+    ----------
+    path: the table (pid, obstime, card, band, count, mean, std, min, max, p25, p50, p75, optional
+        obsid, orbit, hist_0..hist_11).
+    parcels: the declared parcels; default the table's pids, undeclared.
+    scale, offset: Sentinel-2 reflectance = value * scale + offset ('reflectance', 'dn' or a factor).
+    source: the source plugin reading it.
+
+    Examples
+    --------
+    >>> series = read_signatures("signatures.csv", scale="dn", offset=-0.1)  # doctest: +SKIP
+    """
+    options: dict[str, Any] = {"signatures": str(path), "scale": scale, "offset": offset}
+    if parcels is not None:
+        options["parcels"] = str(parcels)
+    return engine().signatures(_source(source, options))
+
+
+def score(
+    signatures: TimeSeries | PathLike,
+    scheme: str | PathLike | Scheme,
+    out_dir: PathLike | None = None,
+    **read: Any,
+) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
+    """A scheme over ready-made signatures (the Python twin of `cbm score`).
+
+    Parameters
+    ----------
+    signatures: a TimeSeries, or a table path read with read_signatures(path, **read).
+    scheme: a recipe name, a scheme TOML path or a Scheme.
+    out_dir: if given, the outputs of `cbm run` are written there.
+
+    Returns
+    -------
+    (marker results, verdicts).
+    """
+    series = signatures if isinstance(signatures, TimeSeries) else read_signatures(signatures, **read)
+    origin = "TimeSeries" if isinstance(signatures, TimeSeries) else str(signatures)
+    return runs.score(engine(), series, _scheme(scheme), None if out_dir is None else Path(out_dir), origin)
+
+
 def _source(plugin: str, options: dict[str, Any]) -> PluginConfig:
     return PluginConfig(plugin=plugin, options=options, base_dir=Path.cwd(), where="source")
 
 
 def _scheme(scheme: str | PathLike | Scheme) -> Scheme:
     return scheme if isinstance(scheme, Scheme) else engine().scheme(str(scheme), Path.cwd())
-
-
-def __getattr__(name: str) -> Any:
-    """Plots, chips and reports load on first use (see ANALYST)."""
-    if name in ANALYST:
-        import importlib
-
-        return getattr(importlib.import_module(ANALYST[name]), name)
-    raise AttributeError(f"module 'cbm_core.api' has no attribute {name!r}")

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from cbm_core.config import PluginConfig, load_run_config
 from cbm_core.errors import CbmError
 from cbm_core.plugins import DISABLED_ENV, TRACE_ENV, PluginManager, load_plugins
-
-if TYPE_CHECKING:
-    from cbm_core.pipeline import Engine
 
 
 class CbmGroup(click.Group):
@@ -28,7 +22,30 @@ class CbmGroup(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
-@click.group(cls=CbmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class RootGroup(CbmGroup):
+    """`cbm` itself: asks the installed plugins for their commands (``cbm_cli_commands``) the first
+    time a command is looked up, so plugin commands are there however `cbm` is invoked."""
+
+    plugin_commands_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if not self.plugin_commands_loaded:
+            self.plugin_commands_loaded = True
+            try:
+                _plugins().hook.cbm_cli_commands(cli=self)
+            except CbmError as exc:
+                raise click.ClickException(str(exc)) from None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cbm-engine")
 def cli() -> None:
     """cbm-engine: Checks by Monitoring from parcels and Sentinel imagery to traffic lights.
@@ -119,7 +136,8 @@ def extract(
     physical units) with the scene's date and card and its SCL histogram (hist_0..hist_11):
     the format `cbm score` reads.
     """
-    from cbm_core.pipeline import Engine, signatures_table
+    from cbm_core.model import signatures_table
+    from cbm_core.pipeline import Engine
 
     requested = _parse_bands(band_specs)
     engine = Engine(plugins=_plugins())
@@ -178,72 +196,6 @@ def schemes() -> None:
 
 
 @cli.command()
-@click.argument("config", type=click.Path(path_type=Path))
-@click.argument("pid", type=int)
-@click.option("--out", type=click.Path(path_type=Path), help="PNG to write (default: parcel-PID.png).")
-@click.option("--peers", is_flag=True, help="Compare with the parcels declared with the same crop instead.")
-def plot(config: Path, pid: int, out: Path | None, peers: bool) -> None:
-    """Plot parcel PID of the finished run CONFIG: NDVI (clear vs cloudy), S1 dB, coherence.
-
-    Marker events are drawn as dated lines and spans, the verdict and its reasons in the title.
-    """
-    from cbm_core.plots import open_run, plot_parcel, plot_peers
-
-    done = open_run(config, _analyst_engine())
-    figure = (plot_peers if peers else plot_parcel)(done, pid)
-    target = out or Path(f"parcel-{pid}{'-peers' if peers else ''}.png")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=110)
-    click.echo(f"written to {target}")
-
-
-@cli.command()
-@click.argument("config", type=click.Path(path_type=Path))
-@click.argument("pid", type=int)
-@click.option("--start", metavar="YYYY-MM-DD", help="First date (default: the first scene).")
-@click.option("--end", metavar="YYYY-MM-DD", help="Last date (default: the last scene).")
-@click.option("--kind", type=click.Choice(["falsecolour", "ndvi"]), default="falsecolour", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write to.")
-def chips(config: Path, pid: int, start: str | None, end: str | None, kind: str, out: Path) -> None:
-    """Sentinel-2 image chips around parcel PID of CONFIG's run, read by windows.
-
-    Writes per date a PNG with the parcel outline and a full-resolution GeoTIFF (physical
-    values), plus calendar.png: all dates in a grid. Dates without imagery say why.
-    """
-    from cbm_core.chips import write_chips
-    from cbm_core.plots import open_run
-
-    written = write_chips(open_run(config, _analyst_engine()), pid, out, start, end, kind=kind)
-    dates = (len(written) - 1) // 2
-    click.echo(f"{dates} chip(s) and calendar.png written to {out}")
-
-
-@cli.command()
-@click.argument("config", type=click.Path(path_type=Path))
-@click.argument("pids", nargs=-1, type=int)
-@click.option("--flagged", is_flag=True, help="Report on every red and yellow parcel.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write to.")
-def report(config: Path, pids: tuple[int, ...], flagged: bool, out: Path) -> None:
-    """Parcel report (HTML + PDF) for PIDS, or --flagged parcels, of CONFIG's finished run.
-
-    One page per parcel: declaration, verdict and reasons, marker results, time-series plots and
-    the chip calendar; what an inspector reads before a field visit.
-    """
-    from cbm_core.plots import open_run
-    from cbm_core.report import flagged_pids, write_report
-
-    if bool(pids) == flagged:
-        raise click.UsageError("give parcel ids or --flagged (not both)")
-    done = open_run(config, _analyst_engine())
-    chosen = flagged_pids(done) if flagged else list(pids)
-    if not chosen:
-        click.echo("no red or yellow parcel: nothing to report")
-        return
-    html_path, pdf_path = write_report(done, chosen, out, name="flagged" if flagged else None)
-    click.echo(f"{len(chosen)} parcel(s): {html_path} and {pdf_path}")
-
-
-@cli.command()
 @click.option(
     "--signatures",
     "signatures",
@@ -271,78 +223,41 @@ def report(config: Path, pids: tuple[int, ...], flagged: bool, out: Path) -> Non
     show_default=True,
     help="Added to S2 reflectance after scaling (e.g. -0.1 for DN of baseline >= 04.00).",
 )
+@click.option(
+    "--source",
+    default="table",
+    show_default=True,
+    help="Source plugin reading the signatures (its cbm_source_signatures hook).",
+)
 def score(
-    signatures: Path, scheme: str, out: Path, parcels_path: Path | None, scale: str, offset: float
+    signatures: Path,
+    scheme: str,
+    out: Path,
+    parcels_path: Path | None,
+    scale: str,
+    offset: float,
+    source: str,
 ) -> None:
     """Run a scheme's markers and rule on ready-made signatures (another backend's statistics).
 
     Writes verdicts.gpkg/csv, markers.parquet and summary.json to OUT, as `cbm run` does.
     """
+    from cbm_core import runs
     from cbm_core.pipeline import Engine
-    from cbm_core.score import score as run_score
 
     engine = Engine(plugins=_plugins(), progress=False)
-    results, verdicts = run_score(signatures, scheme, out, parcels_path, scale, offset, engine=engine)
+    options = {"signatures": str(signatures), "scale": scale, "offset": offset}
+    if parcels_path is not None:
+        options["parcels"] = str(parcels_path)
+    series = engine.signatures(PluginConfig(source, options, Path.cwd(), "--signatures"))
+    plan = engine.scheme(scheme, Path.cwd())
+    results, verdicts = runs.score(engine, series, plan, out, str(signatures))
     lights = verdicts["light"].value_counts()
     counts = {light: int(lights.get(light, 0)) for light in ("green", "yellow", "red")}
     click.echo(
         f"{len(verdicts)} parcels, {len(results)} marker results; verdicts: {counts['green']} green, "
         f"{counts['yellow']} yellow, {counts['red']} red; written to {out}"
     )
-
-
-@cli.command()
-@click.option(
-    "--results",
-    "results_path",
-    type=click.Path(path_type=Path),
-    help="Marker results (markers.parquet of `cbm run`/`cbm score`).",
-)
-@click.option(
-    "--reference",
-    "reference_path",
-    type=click.Path(path_type=Path),
-    help="Reference CSV/Parquet: pid,date[,kind] (events) or pid,crop (crop type).",
-)
-@click.option("--marker", help="Evaluate this marker only (its name in the results).")
-@click.option("--tolerance", default=12.0, show_default=True, help="Event matching tolerance, days.")
-@click.option(
-    "--simulate",
-    "n_parcels",
-    type=int,
-    help="Instead: simulate N parcel-years with known events and evaluate a scheme on them.",
-)
-@click.option("--scheme", default="grassland-mowing", show_default=True, help="Scheme for --simulate.")
-@click.option("--seed", default=42, show_default=True, help="Random seed for --simulate.")
-def evaluate(
-    results_path: Path | None,
-    reference_path: Path | None,
-    marker: str | None,
-    tolerance: float,
-    n_parcels: int | None,
-    scheme: str,
-    seed: int,
-) -> None:
-    """Event precision/recall/F1 (+-12 days, one-to-one) or crop confusion matrices, as JSON."""
-    from cbm_core.evaluate import evaluate_files, evaluate_simulation
-
-    if n_parcels:
-        from cbm_core.pipeline import Engine
-
-        engine = Engine(plugins=_plugins(), progress=False)
-        report = evaluate_simulation(n_parcels, scheme, engine, seed=seed, tolerance_days=tolerance)
-    elif results_path and reference_path:
-        report = evaluate_files(results_path, reference_path, marker, tolerance)
-    else:
-        raise click.UsageError("give --results and --reference, or --simulate N")
-    click.echo(json.dumps(report, indent=2, default=str))
-
-
-def _analyst_engine() -> Engine:
-    """An engine on the CLI's plugin manager, quiet: plots and reports read, they do not extract."""
-    from cbm_core.pipeline import Engine
-
-    return Engine(plugins=_plugins(), progress=False)
 
 
 def _parse_bands(specs: tuple[str, ...]) -> dict[str, list[str]]:
@@ -368,14 +283,5 @@ def _plugins() -> PluginManager:
 
 
 def main() -> None:
-    """Console entry point: plugins may add commands before the command line is parsed."""
-    if importlib.util.find_spec("fastapi") is not None:  # the serve extra: `cbm serve`, `cbm users`
-        from cbm_core.server import add_commands
-
-        add_commands(cli)
-    try:
-        _plugins().hook.cbm_cli_commands(cli=cli)
-    except CbmError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+    """Console entry point (plugin commands are added on first lookup, see CbmGroup)."""
     cli(prog_name="cbm")

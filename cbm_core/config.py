@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,3 +233,14 @@ def load_run_config(path: Path) -> RunConfig:
     scheme = None if scheme_ref is not None else parse_scheme(data, base, str(path))
     cluster = parse_cluster(data.get("cluster", {}), f"{path} [cluster]")
     return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref, cluster)
+
+
+def jobs_by_card(jobs: Sequence[PluginConfig]) -> dict[str, PluginConfig]:
+    """The extraction job of each card; a card extracted twice is a configuration mistake."""
+    by_card: dict[str, PluginConfig] = {}
+    for job in jobs:
+        card = job.require("card")
+        if card in by_card:
+            raise ConfigError(f"{job.where}: card '{card}' is already extracted by {by_card[card].where}")
+        by_card[card] = job
+    return by_card

@@ -36,29 +36,30 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cbm_core.config import ClusterConfig, PluginConfig, RunConfig, Scheme
+from cbm_core.config import ClusterConfig, PluginConfig, RunConfig, Scheme, jobs_by_card
 from cbm_core.errors import CbmError, ConfigError
-from cbm_core.model import MarkerResult, Signatures, Status, results_frame, verdict_table, verdicts_frame
-from cbm_core.pipeline import (
-    Engine,
-    ExtractReport,
-    RunResult,
-    _describe,
-    _jobs_by_card,
-    _summary,
-    context_distance,
-    context_groups,
+from cbm_core.model import (
+    MarkerResult,
+    Signatures,
+    Status,
+    results_frame,
     time_series,
-    write_outputs,
+    verdict_table,
+    verdicts_frame,
 )
+from cbm_core.outputs import ExtractReport, RunResult, describe_error, run_summary, write_outputs
+from cbm_core.partitions import context_distance, context_groups
 from cbm_core.plugins import load_plugins
+
+if TYPE_CHECKING:
+    from cbm_core.pipeline import Engine
 
 CLAIM_CHUNK = 64  # scenes offered per claim call: one round trip, whatever the catalogue size
 CLAIM_POLL = 5.0  # seconds between looks at scenes another run is extracting
@@ -71,9 +72,10 @@ SCHEDULER_LOST = (
     "run again to resume: stored scenes are skipped"
 )
 
-# Plugins registered by hand in the driver (not built-in, not entry points): (name, module) pairs
-# that workers import and register too, so a worker runs exactly the driver's plugins.
-PluginSpec = tuple[tuple[str, str], ...]
+# The driver's Engine class and the plugins registered by hand in the driver (not built-in, not
+# entry points) as (name, module) pairs that workers import and register too, so a worker runs
+# exactly the driver's engine and plugins.
+PluginSpec = tuple[type, tuple[tuple[str, str], ...]]
 Box = tuple[float, float, float, float]
 
 
@@ -92,7 +94,7 @@ def run_distributed(
     spec = plugin_spec(engine)
     parcels = engine.parcels(config.source)
     catalogue = engine.catalogue(config.source)
-    quiet = engine._progress_disabled
+    quiet = engine.progress_disabled
     with connect(cluster) as client, scheduler_lost_is_an_error(client):
         link = client.dashboard_link
         if not quiet:
@@ -106,7 +108,9 @@ def run_distributed(
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         address = client.scheduler.address
     verdicts = verdicts_frame(table, parcels)
-    summary = _summary(config, scheme, parcels, catalogue, report, results, verdicts, started, engine.plugins)
+    summary = run_summary(
+        config, scheme, parcels, catalogue, report, results, verdicts, started, engine.plugins
+    )
     summary["cluster"] = {
         "scheduler": address,
         "dashboard": link,
@@ -184,7 +188,8 @@ def scheduler_lost_is_an_error(client: Any) -> Iterator[None]:
 
 
 def plugin_spec(engine: Engine) -> PluginSpec:
-    """The driver's hand-registered plugins, by importable module name, for the workers to load."""
+    """The driver's engine class and hand-registered plugins (by importable module name), for the
+    workers to build the same engine."""
     extras = []
     for name, info in sorted(engine.plugins.infos.items()):
         if info.origin in ("built-in", "entry point"):
@@ -195,7 +200,7 @@ def plugin_spec(engine: Engine) -> PluginSpec:
                 "move it to a module (or publish it as a `cbm` entry point)"
             )
         extras.append((name, info.module))
-    return tuple(extras)
+    return type(engine), tuple(extras)
 
 
 # Worker side -------------------------------------------------------------------------------------
@@ -210,11 +215,12 @@ def worker_engine(spec: PluginSpec) -> Engine:
     """This process's Engine with the driver's plugins, loaded once."""
     with _LOCK:
         if spec not in _ENGINES:
+            engine_class, extras = spec
             plugins = load_plugins()
-            for name, module in spec:
+            for name, module in extras:
                 if name not in plugins.infos:
                     plugins.register(importlib.import_module(module), name)
-            _ENGINES[spec] = Engine(plugins, progress=False)
+            _ENGINES[spec] = engine_class(plugins, progress=False)
         return _ENGINES[spec]
 
 
@@ -342,7 +348,7 @@ def extract_scenes(
     from distributed import as_completed
 
     report = ExtractReport()
-    cards = _jobs_by_card(config.extract)
+    cards = jobs_by_card(config.extract)
     wanted = [o for o, c in zip(catalogue["obsid"], catalogue["card"], strict=True) if c in cards]
     stored = set() if force else engine._stored_obsids(config.store)
     report.skipped = [o for o in wanted if o in stored]
@@ -371,7 +377,7 @@ def extract_scenes(
     flying: dict[Any, str] = {}
     finished = as_completed()
     failed_units: list[dict[str, str]] = []
-    bar = tqdm(total=len(queue.pending), desc="extract", unit="scene", disable=engine._progress_disabled)
+    bar = tqdm(total=len(queue.pending), desc="extract", unit="scene", disable=engine.progress_disabled)
 
     def fill() -> None:
         while len(flying) < window and (obsid := queue.take()) is not None:
@@ -417,7 +423,7 @@ def extract_scenes(
                 bar.update()
                 fill()
     except BaseException as exc:  # lost scheduler, Ctrl-C, a bug: free what this run still holds
-        why = _describe(exc) if str(exc) else type(exc).__name__
+        why = describe_error(exc) if str(exc) else type(exc).__name__
         give_back(sorted(queue.claimed), f"run {run_id} stopped before storing it ({why})")
         raise
     return report, failed_units
@@ -479,7 +485,7 @@ def score_partitions(
             finished.add(future)
 
     fill()
-    with tqdm(total=len(units), desc="markers", unit="partition", disable=engine._progress_disabled) as bar:
+    with tqdm(total=len(units), desc="markers", unit="partition", disable=engine.progress_disabled) as bar:
         while flying:
             future = next(finished)
             index = flying.pop(future)
@@ -517,4 +523,4 @@ def _unit_error(future: Any) -> str:
         return f"the worker running it died on every attempt ({exc})"
     if isinstance(exc, UnitFailed | CbmError):
         return str(exc)
-    return _describe(exc)
+    return describe_error(exc)

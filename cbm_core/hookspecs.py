@@ -25,6 +25,30 @@ PROJECT = "cbm"
 hookspec = pluggy.HookspecMarker(PROJECT)
 impl = pluggy.HookimplMarker(PROJECT)
 
+# Every hook argument, explained once. docs/plugins.md's hook table is generated from these and
+# the hooks' docstrings; a test fails when a hook argument is missing here.
+ARGUMENTS: dict[str, str] = {
+    "config": "the plugin's table of the run configuration ([source], [store], [[extract]]): a PluginConfig",
+    "bbox": "(minx, miny, maxx, maxy) in EPSG:4326, or None for every parcel",
+    "band": "the BandRef (file, scale, offset, nodata) of one band of a scene",
+    "bounds": "(minx, miny, maxx, maxy) of the window to read, in crs",
+    "crs": "the CRS of bounds, as an authority string (e.g. EPSG:32631)",
+    "pids": "the parcel ids wanted, or None for all",
+    "scene": "the Scene to reduce: obsid, time, sensor, card, bands, orbit",
+    "parcels": "a GeoDataFrame of declared parcels (pid, crop_code, crop_name, geometry)",
+    "bands": "band names to reduce (SCL gives a class histogram), or None for all",
+    "read_window": "a function (band, bounds, crs) -> RasterWindow: the configured source's reader",
+    "signatures": "per-parcel statistics and SCL histograms of complete scenes",
+    "obsids": "scene ids, or None for all",
+    "worker": "the id of the worker claiming or releasing scenes",
+    "reason": "why the scenes are given back (recorded with the claim)",
+    "scl": "False when the caller needs no SCL histograms (a cheaper read)",
+    "series": "a TimeSeries of a batch of parcels, sorted by parcel and time",
+    "params": "the marker's or rule's parameters from the scheme",
+    "results": "the marker results table (one row per marker and parcel)",
+    "cli": "the click group of the `cbm` command",
+}
+
 # Sources -------------------------------------------------------------------------------------
 
 

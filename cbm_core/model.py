@@ -40,6 +40,13 @@ MARKER_RESULT_COLUMNS = (
 )
 VERDICT_COLUMNS = ("pid", "light", "reasons")
 
+# Observation validity: one policy for every marker, rule, plot and chip ranking.
+# Sentinel-2 L2A scene classification (SCL) classes that make a pixel unusable: no data,
+# saturated/defective, cloud shadow, cloud medium/high probability, thin cirrus, snow.
+SCL_NODATA_CLASS = 0
+DEFAULT_UNUSABLE_CLASSES = (0, 1, 3, 8, 9, 10, 11)
+DEFAULT_MAX_UNUSABLE_SHARE = 0.05  # an observation with more unusable pixels than this is not valid
+
 
 class Status(StrEnum):
     """Whether a marker could say something about a parcel."""
@@ -304,3 +311,58 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def unusable_share(
+    hist: np.ndarray | pd.DataFrame, unusable: Sequence[int] = DEFAULT_UNUSABLE_CLASSES
+) -> np.ndarray:
+    """Share of all a parcel's pixels (no data included) in an unusable class; NaN without pixels.
+
+    Takes the (n, 12) counts or an SCL frame with the hist_0..hist_11 columns.
+    """
+    if isinstance(hist, pd.DataFrame):
+        hist = hist[list(HIST_COLUMNS)]
+    hist = np.asarray(hist, dtype=np.float64)
+    total = hist.sum(axis=1)
+    bad = hist[:, list(unusable)].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, bad / np.maximum(total, 1), np.nan)
+
+
+def clear_fraction(
+    hist: np.ndarray | pd.DataFrame, unusable: Sequence[int] = DEFAULT_UNUSABLE_CLASSES
+) -> np.ndarray:
+    """Share of a parcel's observed (SCL != 0) pixels in no unusable class; NaN without observed pixels.
+
+    Takes the (n, 12) counts or an SCL frame with the hist_0..hist_11 columns.
+    """
+    if isinstance(hist, pd.DataFrame):
+        hist = hist[list(HIST_COLUMNS)]
+    hist = np.asarray(hist)
+    observed = hist.sum(axis=1) - hist[:, SCL_NODATA_CLASS]
+    bad = hist[:, [c for c in unusable if c != SCL_NODATA_CLASS]].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(observed > 0, (observed - bad) / np.maximum(observed, 1), np.nan)
+
+
+def time_series(signatures: Signatures, catalogue: pd.DataFrame, parcels: gpd.GeoDataFrame) -> TimeSeries:
+    """Join signatures with their scenes' dates, cards and orbits, sorted by parcel and time."""
+    scenes = catalogue[["obsid", "obstime", "card", "orbit"]]
+    stats = signatures.stats.merge(scenes, on="obsid", how="inner")
+    scl = signatures.scl.merge(scenes[["obsid", "obstime"]], on="obsid", how="inner")
+    scl = scl.assign(clear_fraction=clear_fraction(scl))  # derived from the histogram, never stored
+    known = parcels["pid"]
+    stats = stats[stats["pid"].isin(known)].sort_values(["pid", "obstime", "band"], ignore_index=True)
+    scl = scl[scl["pid"].isin(known)].sort_values(["pid", "obstime"], ignore_index=True)
+    return TimeSeries(stats, scl, parcels.sort_values("pid", ignore_index=True))
+
+
+def signatures_table(signatures: Signatures, catalogue: pd.DataFrame) -> pd.DataFrame:
+    """Signatures as one tidy table (the format `cbm score` reads): stats rows with dates, card
+    and the SCL histogram and clear-sky fraction of their observation."""
+    series_scenes = catalogue[["obsid", "obstime", "card"]]
+    table = signatures.stats.merge(series_scenes, on="obsid", how="left")
+    scl = signatures.scl.assign(clear_fraction=clear_fraction(signatures.scl))
+    table = table.merge(scl, on=["pid", "obsid"], how="left")
+    columns = ["pid", "obsid", "obstime", "card", "band", *STATS, *HIST_COLUMNS, "clear_fraction"]
+    return table[columns].sort_values(["pid", "obstime", "band"], ignore_index=True)

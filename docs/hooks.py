@@ -1,7 +1,7 @@
 """MkDocs hooks: reference pages generated from the code at build time, so they cannot go stale.
 
 cli.md comes from the `cbm` click commands (with the commands plugins add), rest.md and
-openapi.json from the OpenAPI schema of the REST app in cbm_core/server.py. Optional pages other
+openapi.json from the OpenAPI schema of the REST app in cbm_plugins/serve/_server.py. Optional pages other
 parts of the project write (markers, deployment, ...) join the navigation when they exist.
 """
 
@@ -43,11 +43,37 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     return files
 
 
+HOOK_TABLE = "<!-- hook-table -->"  # where plugins.md gets the table generated from hookspecs.py
+
+
+def on_page_markdown(markdown: str, page: Any, config: MkDocsConfig, files: Files) -> str:
+    return markdown.replace(HOOK_TABLE, hook_table()) if HOOK_TABLE in markdown else markdown
+
+
+def hook_table() -> str:
+    """Every hook of cbm_core/hookspecs.py: family, call signature, what it does, and its arguments."""
+    import inspect
+
+    from cbm_core import hookspecs
+
+    lines = ["| family | hook | what it does | arguments |", "|---|---|---|---|"]
+    for name in sorted(n for n in dir(hookspecs) if n.startswith("cbm_")):
+        function = getattr(hookspecs, name)
+        arguments = list(inspect.signature(function).parameters)
+        explained = "<br>".join(f"`{a}`: {hookspecs.ARGUMENTS[a]}" for a in arguments)
+        first = "first result" if function.cbm_spec.get("firstresult") else "every plugin"
+        doc = " ".join(function.__doc__.split())
+        lines.append(
+            f"| {name.split('_')[1]} | `{name}({', '.join(arguments)})` | {doc} ({first}) | {explained} |"
+        )
+    return "\n".join(lines)
+
+
 def cli_reference() -> str:
     """Every `cbm` command's --help, plugin commands included (as `cbm` itself loads them)."""
-    from cbm_core.cli import _plugins, cli
+    from cbm_core.cli import cli
 
-    _plugins().hook.cbm_cli_commands(cli=cli)
+    cli.list_commands(click.Context(cli))  # the plugins add their commands on first lookup
     lines = [
         "# CLI reference",
         "",
@@ -70,7 +96,7 @@ def _walk(command: click.Command, path: list[str]):
 
 def openapi_schema() -> dict[str, Any]:
     """The OpenAPI schema of the REST app, built on an empty server configuration."""
-    from cbm_core.server import LIMIT_DEFAULTS, ServerConfig, create_app
+    from cbm_plugins.serve._server import LIMIT_DEFAULTS, ServerConfig, create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -88,7 +114,7 @@ def rest_reference(schema: dict[str, Any]) -> str:
         "",
         f"**{info.get('title', 'API')}** version {info.get('version', '?')}. {info.get('description', '')}",
         "",
-        "Generated from the OpenAPI schema of `cbm serve` (cbm_core/server.py) when the documentation",
+        "Generated from the OpenAPI schema of `cbm serve` (cbm_plugins/serve/_server.py) when the docs",
         "is built; the complete schema is [openapi.json](openapi.json).",
         "",
     ]

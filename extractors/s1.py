@@ -3,7 +3,7 @@
 Backscatter is reduced as linear power: averaging dB values would average a logarithm and bias
 the mean low, so dB is for display only. Files stored in dB are converted per pixel to linear
 before the reduction (option ``db_input``). Coherence (0-1) is reduced as stored. Pixel rules,
-caching and streaming are those of :mod:`cbm_core.zonal`; the orbit direction stays on the
+caching and streaming are those of :mod:`extractors._kernels`; the orbit direction stays on the
 scene (``Scene.orbit``, carried by the catalogue), so signatures need no column for it.
 
 Options (``[[extract]]`` table):
@@ -28,7 +28,7 @@ from cbm_core import impl
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import BandRef, RasterWindow, Scene, Signatures, empty_scl, empty_signatures
-from cbm_core.zonal import extract_options, scene_blocks, stats_frame, to_physical, zonal_stats
+from extractors._kernels import extract_options, scene_blocks, stats_frame, to_physical, zonal_stats
 
 CBM_API_VERSION = "1.0"
 CARDS = {"bs": "CARD-BS backscatter", "c6": "CARD-COH6 coherence"}

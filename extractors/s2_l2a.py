@@ -1,7 +1,7 @@
 """Sentinel-2 L2A signatures, fast and exact: cached native rasterization + numba reductions.
 
 Statistics equal ``rasterstats.zonal_stats`` (pixel centre in polygon) on the same pixels; see
-:mod:`cbm_core.zonal` for the pixel rules. Each band is read on its own grid (10, 20 or 60 m), so
+:mod:`extractors._kernels` for the pixel rules. Each band is read on its own grid (10, 20 or 60 m), so
 mixed resolutions need no resampling; one pixel index per grid serves every band and every
 revisit on that grid.
 
@@ -21,7 +21,7 @@ Options (``[[extract]]`` table):
 
 Nodata: the band's nodata, else 0 (the L2A fill value), is excluded. SCL gives no statistics row
 but the per-parcel count of each class 0-11 (class 0, no data, included); its clear-sky fraction
-is ``cbm_core.zonal.clear_fraction(hist)``.
+is ``cbm_core.model.clear_fraction(hist)``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from cbm_core import impl
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import BandRef, RasterWindow, Scene, Signatures, empty_scl, empty_signatures
-from cbm_core.zonal import (
+from extractors._kernels import (
     Block,
     Grid,
     class_histogram,

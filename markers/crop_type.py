@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cbm_core import timeseries as ts
 from cbm_core.config import param_path
 from cbm_core.errors import CbmError, InputError
 from cbm_core.hookspecs import impl
 from cbm_core.model import Event, MarkerResult, Status, TimeSeries
+from markers import _series as ts
 
 NAME = "crop_type"
 MODEL_FORMAT = 2
@@ -714,8 +714,8 @@ def cbm_cli_commands(cli: Any) -> None:
         seed: int,
     ) -> None:
         """Fit a crop-type model on labelled signatures and write it with its feature spec."""
-        from cbm_core.evaluate import confusion, read_table
-        from cbm_core.score import read_signatures
+        from cbm_core.api import read_signatures
+        from markers._evaluate import confusion, read_table
 
         series = read_signatures(signatures, scale=scale, offset=offset)
         table = read_table(labels, "labels")

@@ -18,11 +18,11 @@ import shapely
 from pyproj import CRS, Transformer
 
 from cbm_core import impl
-from cbm_core.catalogue import catalogue_frame, scenes_from_band_rows
 from cbm_core.config import PluginConfig
 from cbm_core.errors import InputError
 from cbm_core.model import BandRef, RasterWindow, validate_parcels
-from cbm_core.raster import raster_footprint, read_window
+from sources._catalogue import catalogue_frame, scenes_from_band_rows
+from sources._raster import raster_footprint, read_window
 
 PARCEL_SUFFIXES = {".gpkg", ".parquet", ".geoparquet", ".shp", ".geojson", ".json", ".fgb"}
 

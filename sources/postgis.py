@@ -53,10 +53,10 @@ from cbm_core.model import (
     TimeSeries,
     empty_scl,
     empty_signatures,
+    time_series,
     validate_parcels,
 )
-from cbm_core.pipeline import time_series
-from cbm_core.raster import read_window
+from sources._raster import read_window
 
 if TYPE_CHECKING:
     import click

@@ -47,7 +47,7 @@ from cbm_core.model import (
     TimeSeries,
     validate_parcels,
 )
-from cbm_core.raster import read_window
+from sources._raster import read_window
 
 _SESSIONS = threading.local()
 

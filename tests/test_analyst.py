@@ -23,8 +23,9 @@ import cbm_core as cbm
 from cbm_core.cli import cli
 from cbm_core.errors import InputError
 from cbm_core.model import BandRef
-from cbm_core.plots import data_notes, observations, open_run
-from cbm_core.report import flagged_pids
+from cbm_plugins import analyst
+from cbm_plugins.analyst._plots import data_notes, observations, open_run
+from cbm_plugins.analyst._report import flagged_pids
 from tests.conftest import DEMO, write_config
 
 OUTSIDE = 99  # a parcel 5 km east of the imagery: no observations, no chips
@@ -91,7 +92,7 @@ def texts(fig: Figure) -> str:
 
 def test_parcel_plot_shows_clear_and_cloudy_s1_db_events_and_verdict(demo_run: Path) -> None:
     done = open_run(demo_run)
-    fig = cbm.plot_parcel(done, 4)
+    fig = analyst.plot_parcel(done, 4)
     words = texts(fig)
     assert "verdict GREEN" in words and "ndvi_drop: 1 event(s)" in words and "2023-04-30" in words
     assert "ndvi_drop 30 Apr" in words  # the event labelled with its date
@@ -115,24 +116,24 @@ def test_backscatter_is_converted_to_db_after_averaging_linear(demo_run: Path) -
 
 
 def test_peers_plot_compares_with_same_declared_crop(demo_run: Path) -> None:
-    words = texts(cbm.plot_peers(demo_run, 4))
+    words = texts(analyst.plot_peers(demo_run, 4))
     assert "17 peers declared unknown" in words  # the far parcel is declared grass, not a peer
     assert "peers median" in words
 
 
 def test_parcel_without_observations_says_so_in_place(demo_run: Path) -> None:
     done = open_run(demo_run)
-    words = texts(cbm.plot_parcel(done, OUTSIDE))
+    words = texts(analyst.plot_parcel(done, OUTSIDE))
     assert "no Sentinel-2 NDVI observations of this parcel" in words
     assert "no Sentinel-1 backscatter (dB) observations of this parcel" in words
     assert data_notes(observations(done.series([OUTSIDE]), OUTSIDE), done.cards) == [
         "No observations of this parcel in the signature store."
     ]
-    assert "no observations of this parcel or its peers" in texts(cbm.plot_peers(done, OUTSIDE))
+    assert "no observations of this parcel or its peers" in texts(analyst.plot_peers(done, OUTSIDE))
 
 
 def test_parcel_without_clear_observation_says_so(cloudy_run: Path) -> None:
-    words = texts(cbm.plot_parcel(cloudy_run, 7))
+    words = texts(analyst.plot_parcel(cloudy_run, 7))
     assert "no clear observation: all 2 are cloudy" in words
     done = open_run(cloudy_run)
     notes = data_notes(observations(done.series([7]), 7), done.cards)
@@ -141,11 +142,11 @@ def test_parcel_without_clear_observation_says_so(cloudy_run: Path) -> None:
 
 def test_unknown_parcel_is_an_input_error(demo_run: Path) -> None:
     with pytest.raises(InputError, match="parcel 12345 is not among the 19 parcels"):
-        cbm.plot_parcel(demo_run, 12345)
+        analyst.plot_parcel(demo_run, 12345)
 
 
 def test_chips_write_geotiffs_pngs_and_calendar(demo_run: Path, tmp_path: Path) -> None:
-    written = cbm.write_chips(demo_run, 7, tmp_path, "2023-04-05", "2023-04-15")
+    written = analyst.write_chips(demo_run, 7, tmp_path, "2023-04-05", "2023-04-15")
     tifs = sorted(p.name for p in written if p.suffix == ".tif")
     assert tifs[0] == "20230405_S2A_MSIL2A_20230405_T31UFS.tif" and len(tifs) == 5
     assert (tmp_path / "calendar.png").stat().st_size > 10_000
@@ -156,15 +157,15 @@ def test_chips_write_geotiffs_pngs_and_calendar(demo_run: Path, tmp_path: Path) 
         parcel = open_run(demo_run).parcel(7).geometry
         assert shapely.box(*tif.bounds).contains(parcel)
     assert np.nanmin(data) > 0 and np.nanmax(data) < 1  # reflectance, not digital numbers
-    ndvi = cbm.read_chips(demo_run, 7, "2023-04-15", "2023-04-15", kind="ndvi")
+    ndvi = analyst.read_chips(demo_run, 7, "2023-04-15", "2023-04-15", kind="ndvi")
     assert len(ndvi) == 1 and 0.5 < float(np.nanmedian(ndvi[0].image)) < 1.0
 
 
 def test_a_period_without_imagery_says_so(demo_run: Path) -> None:
-    assert cbm.read_chips(demo_run, 7, "2023-06-01", "2023-06-30") == []
-    words = texts(cbm.calendar(demo_run, 7, "2023-06-01", "2023-06-30"))
+    assert analyst.read_chips(demo_run, 7, "2023-06-01", "2023-06-30") == []
+    words = texts(analyst.calendar(demo_run, 7, "2023-06-01", "2023-06-30"))
     assert "no Sentinel-2 imagery of this parcel in this period" in words
-    assert cbm.read_chips(demo_run, OUTSIDE) == []  # no scene footprint touches it
+    assert analyst.read_chips(demo_run, OUTSIDE) == []  # no scene footprint touches it
 
 
 def test_an_unreadable_date_keeps_its_place_with_the_reason(demo_run: Path) -> None:
@@ -173,14 +174,16 @@ def test_an_unreadable_date_keeps_its_place_with_the_reason(demo_run: Path) -> N
     first = catalogue.index[catalogue["obsid"] == "S2A_MSIL2A_20230405_T31UFS"][0]
     catalogue.at[first, "bands"] = {**catalogue.at[first, "bands"], "B11": BandRef("/nonexistent/B11.tif")}
     broken = dataclasses.replace(done, catalogue=catalogue)
-    found = cbm.read_chips(broken, 7, "2023-04-05", "2023-04-15")
+    found = analyst.read_chips(broken, 7, "2023-04-05", "2023-04-15")
     assert found[0].data is None and found[0].message.startswith("no imagery: /nonexistent/B11.tif")
     assert all(c.data is not None for c in found[1:])
-    assert "no imagery: /nonexistent/B11.tif" in " ".join(texts(cbm.calendar(broken, 7, found=found)).split())
+    assert "no imagery: /nonexistent/B11.tif" in " ".join(
+        texts(analyst.calendar(broken, 7, found=found)).split()
+    )
 
 
 def test_report_html_pdf_render_in_headless_chromium(demo_run: Path, tmp_path: Path) -> None:
-    html_path, pdf_path = cbm.write_report(demo_run, [4, OUTSIDE], tmp_path)
+    html_path, pdf_path = analyst.write_report(demo_run, [4, OUTSIDE], tmp_path)
     page = html_path.read_text()
     assert page.count('<section class="parcel"') == 2 and "GREEN" in page
     assert page.count("data:image/png;base64,") == 6 and '<img src="http' not in page  # self-contained

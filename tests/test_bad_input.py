@@ -14,10 +14,11 @@ from conftest import write_config
 
 import cbm_core as cbm
 from cbm_core import MarkerResult, Status, hookspecs
+from cbm_core.api import run
 from cbm_core.cli import cli
 from cbm_core.config import PluginConfig, Scheme, load_run_config
 from cbm_core.errors import ConfigError, InputError, PluginError
-from cbm_core.pipeline import Engine, run
+from cbm_core.pipeline import Engine
 
 
 def invoke(*args: str):

@@ -38,8 +38,8 @@ from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import Signatures
 from cbm_core.pipeline import Engine
 from cbm_core.plugins import load_plugins
-from cbm_core.simulate import simulate
 from extractors import zonal
+from markers._simulate import simulate
 from sources import local
 
 SLOW = """
@@ -269,8 +269,8 @@ def test_marker_partition_failure_is_recorded(client, tmp_path) -> None:
     engine = Engine(progress=False)
     broken = replace(config, store=PluginConfig("nosuchstore", {}, config.base_dir, "[store]"))
     results, verdicts, failed = dist.score_partitions(
-        client, engine, (), broken, engine.parcels(config.source), engine.catalogue(config.source),
-        engine.scheme("ndvi-drop", config.base_dir), config.cluster, "t",
+        client, engine, dist.plugin_spec(engine), broken, engine.parcels(config.source),
+        engine.catalogue(config.source), engine.scheme("ndvi-drop", config.base_dir), config.cluster, "t",
     )  # fmt: skip
     assert sorted(f["unit"] for f in failed) == ["markers pid 1-10", "markers pid 11-18"]
     assert "no plugin named 'nosuchstore'" in failed[0]["reason"]
@@ -307,7 +307,7 @@ def test_peers_partitions_keep_neighbours_together(client, tmp_path) -> None:
     config = replace(load_run_config(write_config(tmp_path, "")), store=store)
     options = ClusterConfig(partition_size=100)  # 600 parcels on a 25 x 24 grid of 300 m: 6 areas
     results, verdicts, failed = dist.score_partitions(
-        client, engine, (), config, series.parcels, scenes, scheme, options, "peers"
+        client, engine, dist.plugin_spec(engine), config, series.parcels, scenes, scheme, options, "peers"
     )
     assert not failed and len(dist.partitions(series.parcels, scheme, 100)) == 6
     whole = engine.run_markers(series, scheme).set_index("pid").sort_index()

@@ -40,7 +40,7 @@ def test_site_builds_strict_with_generated_references(tmp_path: Path) -> None:
     rest = (site / "rest" / "index.html").read_text()
     assert "<code>GET /query/parcelByID</code>" in rest and (site / "openapi.json").is_file()
     api = (site / "api" / "index.html").read_text()
-    assert 'id="cbm_core.plots.plot_parcel"' in api and 'id="cbm_core.pipeline.run"' in api
+    assert 'id="cbm_plugins.analyst._plots.plot_parcel"' in api and 'id="cbm_core.api.run"' in api
     for page in ("concepts", "analyst", "data", "plugins"):
         assert (site / page / "index.html").is_file(), page
     assert (site / "notebooks" / "quickstart.ipynb").is_file()

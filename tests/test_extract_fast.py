@@ -15,12 +15,12 @@ import rasterio
 import shapely
 from rasterstats import zonal_stats as rs_zonal_stats
 
-from cbm_core import zonal
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
-from cbm_core.model import HIST_COLUMNS, STATS, BandRef, Scene, validate_signatures
-from cbm_core.raster import read_window
+from cbm_core.model import HIST_COLUMNS, STATS, BandRef, Scene, clear_fraction, validate_signatures
+from extractors import _kernels as zonal
 from extractors import s1, s2_l2a
+from sources._raster import read_window
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "flanders-2023"
 CLEAR = "S2A_MSIL2A_20230415_T31UFS"
@@ -100,7 +100,7 @@ def test_s2_bands_at_10_20_60_m_equal_rasterstats(catalogue, parcels, tmp_path):
     expected = np.array([[c.get(k, 0) for k in range(12)] for c in cats])
     assert (hist == expected).all() and hist.sum() > 0
     assert list(sig.scl.columns) == ["pid", "obsid", *HIST_COLUMNS]
-    assert (zonal.clear_fraction(sig.scl) > 0.9).all()  # a clear date
+    assert (clear_fraction(sig.scl) > 0.9).all()  # a clear date
 
 
 def test_ndvi_is_computed_per_pixel_before_the_reduction(catalogue, parcels, tmp_path):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cbm_core.evaluate import event_scores, events_table
 from cbm_core.model import HIST_COLUMNS, Status, TimeSeries
-from cbm_core.simulate import simulate
 from markers import bare_soil
+from markers._evaluate import event_scores, events_table
+from markers._simulate import simulate
 
 
 @pytest.fixture(scope="module")

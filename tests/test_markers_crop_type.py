@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cbm_core import timeseries as ts
+from cbm_core.api import read_signatures
 from cbm_core.config import parse_scheme, read_toml
 from cbm_core.model import Status, TimeSeries
 from cbm_core.pipeline import Engine
-from cbm_core.score import read_signatures
-from cbm_core.simulate import simulate
+from markers import _series as ts
 from markers import crop_type as ct
+from markers._simulate import simulate
 
 DATA = Path(__file__).parent / "data"
 SIM_SPEC = ct.make_spec(["B02", "B03", "B04", "B08", "B11"], ["VV", "VH"], ["NDVI"])

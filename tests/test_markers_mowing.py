@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbm_core.evaluate import event_scores, events_table
 from cbm_core.model import HIST_COLUMNS, Status, TimeSeries
-from cbm_core.simulate import simulate
 from markers import mowing
+from markers._evaluate import event_scores, events_table
+from markers._simulate import simulate
 
 
 def grassland_f1(scenario, params=None) -> dict:

@@ -13,8 +13,8 @@ from cbm_core import pipeline
 from cbm_core.config import PluginConfig, Scheme
 from cbm_core.model import Status, TimeSeries, results_frame
 from cbm_core.pipeline import Engine
-from cbm_core.simulate import simulate
 from markers import peers
+from markers._simulate import simulate
 
 
 def test_swapped_declarations_are_outliers():

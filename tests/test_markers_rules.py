@@ -9,14 +9,15 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from cbm_core.api import read_signatures, score
 from cbm_core.cli import cli
 from cbm_core.errors import InputError
 from cbm_core.model import Event, MarkerResult, Status, results_frame
 from cbm_core.pipeline import Engine
-from cbm_core.score import read_signatures, score, series_table, signatures_series
-from cbm_core.simulate import simulate
 from cbm_plugins import traffic_light
 from cbm_plugins.recipes import cbm_rule_schemes
+from markers._simulate import simulate
+from sources.table import series_table, signatures_series
 
 RECIPES = ("grassland-mowing", "crop-declaration", "ploughing-ban", "soil-cover", "foi-heterogeneity")
 

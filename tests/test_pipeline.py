@@ -13,8 +13,10 @@ from rasterio.io import MemoryFile
 from rasterstats import zonal_stats
 
 import cbm_core as cbm
+from cbm_core.api import run
 from cbm_core.config import PluginConfig, load_run_config
-from cbm_core.pipeline import Engine, run, time_series
+from cbm_core.model import time_series
+from cbm_core.pipeline import Engine
 
 
 def test_demo_run_gives_every_parcel_a_verdict_and_writes_all_outputs(demo_config):

@@ -7,7 +7,6 @@ import sys
 import textwrap
 import tomllib
 import types
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -26,15 +25,6 @@ def test_every_registry_entry_loads_with_the_kind_it_declares():
         assert info.origin == "built-in"
         assert info.kind == entry["kind"], entry["name"]
         assert entry["description"]
-
-
-def test_core_imports_no_plugin_module_by_name():
-    plugin_packages = ("sources", "extractors", "markers", "cbm_plugins")
-    core = Path(hookspecs.__file__).parent
-    for source in core.glob("*.py"):
-        text = source.read_text()
-        for package in plugin_packages:
-            assert f"import {package}" not in text and f"from {package}" not in text, source.name
 
 
 def test_every_hook_has_a_one_line_docstring_and_the_naming_convention():

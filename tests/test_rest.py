@@ -8,9 +8,9 @@ from servers import CbmServer, FaultProxy
 from test_server import PASSWORD, POLYGON, write_run, write_server
 
 import sources.rest as rest
+from cbm_core.api import run
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
-from cbm_core.pipeline import run
 
 pytestmark = pytest.mark.servers
 

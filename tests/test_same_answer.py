@@ -14,9 +14,10 @@ from test_server import PASSWORD, POLYGON, write_run, write_server
 
 import sources.postgis as pg
 import sources.rest as rest
+from cbm_core.api import run
 from cbm_core.config import PluginConfig
 from cbm_core.model import HIST_COLUMNS, SIGNATURE_COLUMNS
-from cbm_core.pipeline import Engine, run
+from cbm_core.pipeline import Engine
 
 pytestmark = pytest.mark.servers
 BANDS = '["B04", "B08", "B11", "SCL", "VV", "VH"]'

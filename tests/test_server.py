@@ -21,11 +21,12 @@ from fastapi.testclient import TestClient
 from servers import CbmServer
 
 import sources.postgis as pg
+from cbm_core.api import run
 from cbm_core.cli import CbmGroup
 from cbm_core.config import PluginConfig
-from cbm_core.pipeline import run
-from cbm_core.server import add_commands, create_app, load_server_config
-from cbm_core.users import Authenticator, make_user, read_users, write_users
+from cbm_plugins import serve
+from cbm_plugins.serve._server import create_app, load_server_config
+from cbm_plugins.serve._users import Authenticator, make_user, read_users, write_users
 
 PASSWORD = "correct horse"
 ANN, BOB, ROOT_USER = ("ann", PASSWORD), ("bob", PASSWORD), ("root", PASSWORD)
@@ -274,7 +275,7 @@ def test_openapi_schema_fuzzed_with_injection_strings(served):
 def test_users_command_hashes_passwords(tmp_path):
     config = write_server(tmp_path, '{ plugin = "parquet", path = "x" }')
     group = CbmGroup("cbm")
-    add_commands(group)
+    serve.cbm_cli_commands(cli=group)
     runner = CliRunner()
     users = ["users", "--config", str(config)]
     added = runner.invoke(group, [*users, "add", "eve", "--aoi", "fl", "--aoi", "nl", "--password-stdin"],

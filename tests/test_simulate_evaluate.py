@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cbm_core.cli import cli
-from cbm_core.evaluate import confusion, evaluate_files, event_scores, match_events
 from cbm_core.model import HIST_COLUMNS
-from cbm_core.simulate import simulate
+from markers._evaluate import confusion, evaluate_files, event_scores, match_events
+from markers._simulate import simulate
 
 
 @pytest.fixture(scope="module")

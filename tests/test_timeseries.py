@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbm_core import timeseries as ts
 from cbm_core.model import HIST_COLUMNS, STATS, TimeSeries
+from markers import _series as ts
 
 
 def tidy(rows: list[tuple]) -> pd.DataFrame:

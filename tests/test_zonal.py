@@ -1,4 +1,4 @@
-"""The fast-extraction kernels (cbm_core.zonal) against GDAL's rasterizer and plain numpy."""
+"""The fast-extraction kernels (extractors._kernels) against GDAL's rasterizer and plain numpy."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from rasterio import features
 
-from cbm_core import zonal
-from cbm_core.zonal import (
+from cbm_core.model import clear_fraction
+from extractors import _kernels as zonal
+from extractors._kernels import (
     Grid,
     PixelIndex,
     RasterizeOptions,
@@ -220,8 +221,8 @@ def test_class_histogram_counts_every_class_including_nodata_class_0():
     hist = class_histogram(scl, index_of(geoms, grid))
     for geom, row in zip(geoms, hist, strict=True):
         assert row.tolist() == np.bincount(scl[gdal_mask(geom, grid)], minlength=13)[:12].tolist()
-    assert zonal.clear_fraction(np.array([[5, 0, 0, 0, 3, 1, 0, 0, 0, 2, 0, 0]])).tolist() == [4 / 6]
-    assert np.isnan(zonal.clear_fraction(np.array([[7] + [0] * 11])))[0]
+    assert clear_fraction(np.array([[5, 0, 0, 0, 3, 1, 0, 0, 0, 2, 0, 0]])).tolist() == [4 / 6]
+    assert np.isnan(clear_fraction(np.array([[7] + [0] * 11])))[0]
 
 
 def test_physical_units_after_reduction_and_negative_scale():
@@ -291,7 +292,7 @@ def test_disk_cache_is_shared_across_processes(tmp_path):
     script = f"""
 import geopandas as gpd, shapely
 from affine import Affine
-from cbm_core import zonal
+from extractors import _kernels as zonal
 parcels = gpd.GeoDataFrame({{"pid": [1, 2, 3]}}, geometry=[shapely.box(5, 5, 95, 95),
     shapely.Point(150, 50).buffer(40), shapely.box(0, 0, 3, 3)], crs="{CRS}")
 cache = zonal.IndexCache({str(tmp_path / "cache")!r})

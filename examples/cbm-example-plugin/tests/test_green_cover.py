@@ -2,8 +2,7 @@
 
 import cbm_example_plugin
 
-from cbm_core.config import PluginConfig, Scheme
-from cbm_core.pipeline import Engine
+from cbm_core import Engine, PluginConfig, Scheme
 
 
 def test_every_sample_parcel_is_green_once(cbm_plugin_manager, cbm_sample_series):

@@ -23,9 +23,9 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from cbm_core.chips import calendar, read_chips
 from cbm_core.errors import InputError
-from cbm_core.plots import (
+from cbm_plugins.analyst._chips import calendar, read_chips
+from cbm_plugins.analyst._plots import (
     LIGHT_COLOURS,
     FinishedRun,
     RunLike,

@@ -64,7 +64,7 @@ from cbm_core.config import PluginConfig, plugin_config, read_toml
 from cbm_core.errors import CbmError, ConfigError, InputError
 from cbm_core.model import HIST_COLUMNS
 from cbm_core.plugins import PluginManager, load_plugins
-from cbm_core.users import ALL_AOIS, Authenticator, User, make_user, read_users, write_users
+from cbm_plugins.serve._users import ALL_AOIS, Authenticator, User, make_user, read_users, write_users
 
 CONFIG_ENV = "CBM_SERVER_CONFIG"
 CHIP_DIR_ENV = "CBM_SERVER_CHIP_DIR"
@@ -783,7 +783,7 @@ def serve_command(config: Path, host: str, port: int, workers: int) -> None:
     os.environ[CONFIG_ENV] = str(settings.path)
     os.environ[CHIP_DIR_ENV] = str(settings.chip_dir)  # one chip folder shared by every worker
     uvicorn.run(
-        "cbm_core.server:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+        "cbm_plugins.serve._server:create_app_from_env", factory=True, host=host, port=port, workers=workers,
         log_level="warning", limit_concurrency=512, timeout_keep_alive=30, server_header=False,
     )  # fmt: skip
 
@@ -840,12 +840,6 @@ def users_list(path: Path) -> None:
     """List users and the areas they may read."""
     for name, found in sorted(read_users(path).items()):
         click.echo(f"{name}\t{','.join(found.aois)}")
-
-
-def add_commands(cli: click.Group) -> None:
-    """Add `cbm serve` and `cbm users` to a command group (the core CLI calls this)."""
-    cli.add_command(serve_command)
-    cli.add_command(users_command)
 
 
 def main() -> None:

@@ -25,9 +25,8 @@ from matplotlib.patheffects import withStroke
 from rasterio.warp import Resampling, reproject
 
 from cbm_core.errors import CbmError, InputError
-from cbm_core.model import HIST_COLUMNS, BandRef, RasterWindow
-from cbm_core.plots import RunLike, open_run
-from cbm_core.timeseries import DEFAULT_CLOUD_CLASSES
+from cbm_core.model import DEFAULT_UNUSABLE_CLASSES, HIST_COLUMNS, BandRef, RasterWindow
+from cbm_plugins.analyst._plots import RunLike, open_run
 
 # SWIR-NIR-red false colour (as demo/flanders-2023/overview.png): vegetation green, bare soil
 # and stubble brown-pink; fixed stretches keep dates comparable.
@@ -291,7 +290,7 @@ def _cloudy(done, pid: int, obsids: list[str]) -> dict[str, float]:
         return {}
     hist = scl[list(HIST_COLUMNS)].to_numpy(float)
     total = hist.sum(axis=1)
-    bad = hist[:, list(DEFAULT_CLOUD_CLASSES)].sum(axis=1)
+    bad = hist[:, list(DEFAULT_UNUSABLE_CLASSES)].sum(axis=1)
     share = np.where(total > 0, bad / np.maximum(total, 1), np.nan)
     return dict(zip(scl["obsid"], share, strict=True))
 

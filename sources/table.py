@@ -1,22 +1,25 @@
-"""Scoring ready-made signatures: markers and rules over signatures from another CbM backend.
+"""Ready-made signatures from a tidy table: the source `cbm score` reads.
 
 Analysts often already have per-parcel statistics (JRC database exports, openEO or WorldCereal
-extractions). ``read_signatures`` turns a tidy Parquet/CSV table (pid, obstime, card, band,
-count, mean, std, min, max, p25, p50, p75, optional obsid, orbit and hist_0..hist_11 SCL counts)
-into the TimeSeries markers see; ``score`` runs a scheme over it and writes the usual outputs.
+extractions). This source turns a tidy Parquet/CSV table (pid, obstime, card, band, count, mean,
+std, min, max, p25, p50, p75, optional obsid, orbit and hist_0..hist_11 SCL counts) into the
+TimeSeries markers see, through the ``cbm_source_signatures`` hook.
+
+Options: ``signatures`` (the table, required), ``parcels`` (declared parcels file; default the
+pids of the table, undeclared), ``scale`` ('reflectance', 'dn' or a factor) and ``offset``.
 """
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 
+from cbm_core import impl
+from cbm_core.config import PluginConfig
 from cbm_core.errors import InputError
 from cbm_core.model import CARDS, HIST_COLUMNS, STATS, TimeSeries, validate_parcels
 
@@ -149,50 +152,6 @@ def read_signatures(
     return signatures_series(read_table(Path(path)), parcels, scale, offset, what=str(path))
 
 
-def score(
-    signatures: TimeSeries | Path | str,
-    scheme: Any,
-    out_dir: Path | str | None = None,
-    parcels: gpd.GeoDataFrame | Path | None = None,
-    scale: str | float = "reflectance",
-    offset: float = 0.0,
-    engine: Any = None,
-) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
-    """Run a scheme (recipe name, TOML path or Scheme) over ready-made signatures.
-
-    Returns (marker results, verdicts); with ``out_dir`` also writes verdicts.gpkg/csv,
-    markers.parquet and summary.json as `cbm run` does.
-    """
-    from cbm_core.config import Scheme
-    from cbm_core.pipeline import Engine, write_outputs
-
-    started = time.perf_counter()
-    engine = engine or Engine(progress=False)
-    series = (
-        signatures
-        if isinstance(signatures, TimeSeries)
-        else read_signatures(Path(signatures), parcels, scale, offset)
-    )
-    plan = scheme if isinstance(scheme, Scheme) else engine.scheme(str(scheme), Path.cwd())
-    results = engine.run_markers(series, plan)
-    verdicts = engine.decide(results, series.parcels, plan)
-    if out_dir is not None:
-        status = results.groupby(["marker", "status"]).size()
-        summary = {
-            "signatures": str(signatures) if not isinstance(signatures, TimeSeries) else "TimeSeries",
-            "scheme": str(scheme) if not isinstance(scheme, Scheme) else plan.marker_names,
-            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - started, 3),
-            "parcels": len(series.parcels),
-            "markers": {
-                m: {s: int(n) for (mm, s), n in status.items() if mm == m} for m in plan.marker_names
-            },
-            "verdicts": verdicts["light"].value_counts().to_dict(),
-        }
-        write_outputs(Path(out_dir), verdicts, results, summary)
-    return results, verdicts
-
-
 def series_table(series: TimeSeries) -> pd.DataFrame:
     """A TimeSeries as the tidy table `cbm score` reads (stats rows with their SCL histogram)."""
     stats = series.stats.copy()
@@ -203,3 +162,14 @@ def series_table(series: TimeSeries) -> pd.DataFrame:
     scl["obsid"] = scl["obsid"].astype(object)
     table = stats.merge(scl, on=["pid", "obsid"], how="left")
     return table.sort_values(["pid", "obstime", "card", "band"], ignore_index=True)
+
+
+@impl
+def cbm_source_signatures(config: PluginConfig, pids: Sequence[int] | None) -> TimeSeries:
+    series = read_signatures(
+        config.path("signatures"),
+        config.path("parcels") if config.get("parcels") else None,
+        config.get("scale", "reflectance"),
+        float(config.get("offset", 0.0)),
+    )
+    return series if pids is None else series.subset(pids)

@@ -59,10 +59,6 @@ log = logging.getLogger("cbm.extract")
 CACHE_ENV = "CBM_CACHE_DIR"
 INDEX_FORMAT = 2  # bump when the PixelIndex layout or the rasterization rule changes
 DEFAULT_BLOCK_PARCELS = 100_000
-# SCL classes that see the surface without cloud, shadow, cirrus or defect:
-# 4 vegetation, 5 not vegetated, 6 water, 11 snow/ice.
-SCL_CLEAR_CLASSES = (4, 5, 6, 11)
-SCL_NODATA_CLASS = 0
 
 ReadWindow = Callable[[BandRef, tuple[float, float, float, float], str], RasterWindow]
 
@@ -1033,20 +1029,6 @@ def to_physical(stats: np.ndarray, scale: float, offset: float) -> np.ndarray:
         out[:, [3, 4]] = out[:, [4, 3]]
         out[:, [5, 7]] = out[:, [7, 5]]
     return out
-
-
-def clear_fraction(hist: np.ndarray | pd.DataFrame) -> np.ndarray:
-    """Share of a parcel's observed (SCL != 0) pixels in a clear class; NaN without observed pixels.
-
-    Takes the (n, 12) counts or an SCL frame with the hist_0..hist_11 columns.
-    """
-    if isinstance(hist, pd.DataFrame):
-        hist = hist[list(HIST_COLUMNS)]
-    hist = np.asarray(hist)
-    observed = hist.sum(axis=1) - hist[:, SCL_NODATA_CLASS]
-    clear = hist[:, list(SCL_CLEAR_CLASSES)].sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(observed > 0, clear / np.maximum(observed, 1), np.nan)
 
 
 def stats_frame(pids: np.ndarray, obsid: str, band: str, stats: np.ndarray) -> pd.DataFrame:

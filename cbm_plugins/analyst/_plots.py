@@ -25,12 +25,12 @@ from matplotlib.figure import Figure
 
 from cbm_core.config import RunConfig, load_run_config
 from cbm_core.errors import InputError
-from cbm_core.model import TimeSeries
-from cbm_core.pipeline import Engine, RunResult, time_series
-from cbm_core.timeseries import DEFAULT_CLOUD_CLASSES, add_index, attach_clouds, build_panel
+from cbm_core.model import DEFAULT_UNUSABLE_CLASSES, TimeSeries, time_series, unusable_share
+from cbm_core.outputs import RunResult
+from cbm_core.pipeline import Engine
 
 # An S2 observation counts as clear on plots when at most this share of the parcel's pixels
-# fall in a cloudy SCL class (DEFAULT_CLOUD_CLASSES).
+# fall in an unusable SCL class (DEFAULT_UNUSABLE_CLASSES).
 MAX_CLOUDY = 0.10
 LIGHT_COLOURS = {"green": "#2e7d32", "yellow": "#f2a900", "red": "#c62828"}
 CARD_TITLES = {"s2": "Sentinel-2 NDVI", "bs": "Sentinel-1 backscatter (dB)", "c6": "Sentinel-1 coherence"}
@@ -147,18 +147,21 @@ def observations(series: TimeSeries, pid: int, max_cloudy: float = MAX_CLOUDY) -
     """
     one = series.subset([int(pid)])
     out: dict[str, pd.DataFrame] = {}
-    s2 = attach_clouds(build_panel(one.stats, "s2", ("B04", "B08")), one.scl, DEFAULT_CLOUD_CLASSES)
-    s2 = add_index(s2, "NDVI").frame()
+    s2 = _card_frame(one, "s2", ("B04", "B08"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s2["NDVI"] = (s2["B08"] - s2["B04"]) / (s2["B08"] + s2["B04"])
+    cloudy = pd.Series(unusable_share(one.scl, DEFAULT_UNUSABLE_CLASSES), index=one.scl["obsid"].astype(str))
+    s2["cloudy"] = s2["obsid"].map(cloudy[~cloudy.index.duplicated()]).astype(float)
     s2 = s2[np.isfinite(s2["NDVI"])]
     s2["clear"] = s2["cloudy"].fillna(0.0) <= max_cloudy
     out["s2"] = _dated(s2)[["date", "obsid", "NDVI", "cloudy", "clear"]]
-    bs = _dated(build_panel(one.stats, "bs", ("VV", "VH")).frame())
+    bs = _dated(_card_frame(one, "bs", ("VV", "VH")))
     with np.errstate(divide="ignore", invalid="ignore"):
         for band in ("VV", "VH"):
             linear = bs[band].to_numpy(float)
             bs[f"{band}_dB"] = np.where(linear > 0, 10 * np.log10(linear), np.nan)
     out["bs"] = bs.reindex(columns=["date", "obsid", "orbit", "VV_dB", "VH_dB"])
-    c6 = _dated(build_panel(one.stats, "c6", ("VV", "VH")).frame())
+    c6 = _dated(_card_frame(one, "c6", ("VV", "VH")))
     out["c6"] = c6.reindex(columns=["date", "obsid", "orbit", "VV", "VH"])
     return out
 
@@ -351,6 +354,23 @@ def _peers(parcels: gpd.GeoDataFrame, parcel: pd.Series) -> tuple[list[int], str
 
 def _text(value: Any) -> bool:
     return value is not None and not pd.isna(value) and str(value).strip() != ""
+
+
+def _card_frame(one: TimeSeries, card: str, bands: Sequence[str]) -> pd.DataFrame:
+    """One parcel's observations of a card as a table: date (UTC day), obsid, orbit, one column per
+    band (the parcel mean; NaN where a band is missing), in time order."""
+    rows = one.stats[(one.stats["card"].astype(str) == card) & one.stats["band"].astype(str).isin(bands)]
+    keys = ["obstime", "obsid", "orbit"]
+    wide = (
+        rows.assign(obsid=rows["obsid"].astype(str), orbit=rows["orbit"].astype(object).fillna(""))
+        .pivot_table(index=keys, columns="band", values="mean", aggfunc="first", observed=True)
+        .reset_index()
+        .sort_values("obstime", ignore_index=True)
+    )
+    wide.columns.name = None
+    wide = wide.reindex(columns=[*keys, *bands])
+    wide.insert(0, "date", pd.to_datetime(wide["obstime"], utc=True).dt.tz_convert(None).dt.normalize())
+    return wide.drop(columns="obstime")
 
 
 def _dated(frame: pd.DataFrame) -> pd.DataFrame:

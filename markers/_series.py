@@ -20,12 +20,11 @@ import numba
 import numpy as np
 import pandas as pd
 
-from cbm_core.model import HIST_COLUMNS, TimeSeries
+from cbm_core.model import DEFAULT_MAX_UNUSABLE_SHARE, DEFAULT_UNUSABLE_CLASSES, HIST_COLUMNS, TimeSeries
 
-# SCL classes treated as unusable by default: no data, saturated/defective, cloud shadow, cloud
-# medium/high probability, thin cirrus, snow. Configurable per marker ("cloud_classes").
-DEFAULT_CLOUD_CLASSES = (0, 1, 3, 8, 9, 10, 11)
-DEFAULT_MAX_CLOUDY = 0.05
+# The core's observation-validity policy (cbm_core.model); configurable per marker ("cloud_classes").
+DEFAULT_CLOUD_CLASSES = DEFAULT_UNUSABLE_CLASSES
+DEFAULT_MAX_CLOUDY = DEFAULT_MAX_UNUSABLE_SHARE
 EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 # Index name -> (formula inputs); all computed from physical reflectance or linear backscatter.

@@ -17,6 +17,8 @@ import pandas as pd
 
 from cbm_core.errors import InputError
 from cbm_core.model import MarkerResult, results_frame
+from cbm_core.pipeline import Engine
+from markers._simulate import simulate
 
 DEFAULT_TOLERANCE_DAYS = 12
 
@@ -180,9 +182,6 @@ def evaluate_simulation(
     Mowing events are scored on the grassland parcels, ploughing events on the arable ones (the
     parcels where such events can happen), each against the simulator's truth.
     """
-    from cbm_core.pipeline import Engine
-    from cbm_core.simulate import simulate
-
     engine = engine or Engine(progress=False)
     plan = engine.scheme(str(scheme), Path.cwd()) if isinstance(scheme, str | Path) else scheme
     scenario = simulate(n_parcels, seed=seed)
