@@ -1,17 +1,35 @@
-"""Grassland mowing marker: Sentinel-2 NDVI drops fused with Sentinel-1 6-day coherence rises.
+"""Grassland mowing marker for real series: cuts as departures below the parcel's recent growth.
 
-A cut removes the canopy: NDVI falls by ~0.15-0.4 and recovers over ~3 weeks, while 6-day VV
-coherence (low over growing grass) jumps for the first image pairs after the cut. Either sensor
-alone can miss a cut (clouds, S1 gaps, rain), so each sensor proposes candidates and the fusion
-keeps an S2 drop confirmed by S1 with high confidence, an unconfirmed drop when it is strong, and
-an S1 rise alone only when S2 could not have seen the cut. All per-parcel work runs in one numba
-kernel over pid-sorted arrays, so a batch of 100k parcels costs a few seconds.
+A cut removes most of the canopy in a day: NDVI falls by 0.15-0.4 between the last observation
+before the cut and the first after it, then recovers over ~3 weeks. Real Sentinel-2 series are
+noisier than that picture: haze that SCL calls clear makes single-date dips, clouds hide weeks,
+grass is dormant (or already green) before the first growth, a dry summer makes NDVI sink slowly.
+So, per parcel:
+
+1. valid observations: the cloud filter (SCL histogram), then a residual-haze screen: an isolated
+   dip that recovers at the next valid observation and coincides with a blue-band (B02) rise, a
+   not fully clear parcel, or a full recovery too quick for regrowth, is not a cut;
+2. the parcel's own noise (robust spread of consecutive differences) sets the drop threshold;
+3. the season starts at the observed green-up (half-way from the spring low to the spring high),
+   never before ``season_start``: no cut can precede the first growth;
+4. a cut is a departure of at least the threshold below the recent high (the highest valid value
+   in the preceding few days, or the last one before a gap) from a canopy that was green, followed
+   by regrowth when later observations exist;
+5. the event is dated between the last high and the first low valid observation (its start/end),
+   its main date at the gap's middle, or, in long gaps, where a cut still leaves a visible drop; a
+   Sentinel-1 6-day coherence rise in that window confirms the cut and dates it (GRD backscatter
+   only helps dating, its speckle being as large as a cut's response on real parcels);
+6. a coherence rise alone is a cut only where Sentinel-2 was blind after it, confirmed by a second
+   acquisition, and never against a valid Sentinel-2 observation that shows no drop.
+
+Every threshold is a parameter (``DEFAULTS``) or a named constant below; docs/markers.md gives the
+reason and source of each. All per-parcel work runs in one numba kernel over pid-sorted arrays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -22,23 +40,99 @@ from markers import _series as ts
 
 NAME = "mowing"
 DEFAULTS: dict[str, Any] = {
-    "season_start": "03-16",  # MM-DD or a date (DOY 75-300 as in published comparisons)
-    "season_end": "10-27",
-    "min_drop": 0.1,  # NDVI drop of an S2 candidate
-    "s2_alone_drop": 0.15,  # NDVI drop accepted when S1 coherence is present but silent
-    "max_drop_days": 45,  # an NDVI fall slower than this is senescence or drought, not a cut
-    "min_rise": 0.08,  # VV coherence rise above the recent same-orbit baseline
-    "s1_alone_rise": 0.15,  # coherence rise accepted alone when S2 could not see the cut
-    "s1_seen_rise": 0.2,  # coherence rise accepted when S2 saw only a slight NDVI decline
-    "min_spacing_days": 20,  # two events closer than this are one event
-    "min_clear_obs": 5,  # clear S2 observations needed in season (else S1 must suffice)
+    "season_start": "03-16",  # earliest cut date (DOY 75 as in the MODCiX protocol); green-up may come later
+    "season_end": "10-27",  # latest cut date (DOY 300, same protocol)
+    "min_drop": 0.08,  # floor of the NDVI drop threshold (about 2.5 x the noise of a clean parcel)
+    "max_drop_threshold": 0.12,  # the noise-derived threshold never exceeds this (subtle cuts: 0.7 -> 0.5)
+    "noise_k": 2.5,  # drop threshold = noise_k x the parcel's NDVI noise, within the two bounds above
+    "min_high": 0.45,  # NDVI of the last high: a canopy worth cutting (naive rule: drops from above 0.4)
+    "drop_window_days": 8,  # the recent high is the highest valid value this many days before a low
+    "regrowth_days": 45,  # regrowth must show within this many days after the low ...
+    "regrowth_share": 0.3,  # ... recovering at least this share of the drop (spring peaks do not return)
+    "recent_cut_days": 12,  # in a long gap, the cut is placed this many days before the first low
+    "min_spacing_days": 20,  # two cuts closer than this are one (regrowth takes ~3 weeks)
+    "greenup_fraction": 0.5,  # green-up: first valid value half-way from the spring low to the spring high
+    "greenup_min_amplitude": 0.1,  # below this spring amplitude the parcel was green already
+    "greenup_search_days": 90,  # the spring high is looked for up to this many days after season_start
+    "haze_min_dip": 0.05,  # an NDVI dip below both neighbours smaller than this is noise, not screened
+    "haze_max_span_days": 30,  # the neighbours of a hazy dip are at most this far apart
+    "haze_recovery": 0.7,  # the next value recovers at least this share of the dip
+    "haze_blue_rise": 0.025,  # B02 reflectance rise over both neighbours that marks haze
+    "haze_min_clear": 0.99,  # a dip on a parcel less clear than this share is haze
+    "haze_quick_days": 10,  # a full recovery within this many days is too quick for regrowth ...
+    "haze_full_recovery": 0.03,  # ... full = back within this NDVI of the value before the dip
+    "min_rise": 0.08,  # 6-day coherence rise over the same-orbit median that confirms a cut
+    "s1_alone_rise": 0.15,  # coherence rise accepted without Sentinel-2 (where S2 was blind)
+    "s1_alone_min_obs": 2,  # ... seen on at least this many acquisitions (one pair is too fragile)
+    "s2_sees_days": 15,  # a valid S2 observation this soon after a cut would show its drop
+    "bs_min_change_db": 2.0,  # backscatter change that may date a cut in a gap (2 x measured speckle)
+    "min_clear_obs": 5,  # valid S2 observations needed in season (else S1 coherence must suffice)
     "min_s1_obs": 10,  # coherence observations needed in season when S2 is insufficient
     "max_cloudy": ts.DEFAULT_MAX_CLOUDY,
     "cloud_classes": list(ts.DEFAULT_CLOUD_CLASSES),
     "coherence_band": "VV",
+    "backscatter_band": "VH",
 }
 
 SRC_S2, SRC_S1, SRC_BOTH = 1, 2, 3
+S1_COHERENCE, S1_BACKSCATTER, S1_NONE = 1, 2, 0
+
+# Kernel constants (not parameters: they follow from the sensors, not from the landscape).
+CONTEXT_BEFORE_DAYS = 75.0  # S2 context before season_start: winter level for green-up, recent highs
+CONTEXT_AFTER_DAYS = 45.0  # S2 context after season_end: regrowth after a late cut
+NOISE_PAIR_MAX_DAYS = 12.0  # consecutive pairs at most this far apart measure noise, not growth
+NOISE_MIN_PAIRS = 4  # fewer pairs: the threshold floor applies
+ROBUST_SIGMA = 1.4826 / np.sqrt(2.0)  # MAD of differences of two noisy values -> noise of one value
+DRYING_DAYS = 6.0  # cut grass keeps drying on the field: the low may come one revisit later
+REGROWTH_FLOOR_DAYS = 12.0  # regrowth counts from the lowest value this soon after the low
+COH_PAIR_DAYS = 6.0  # a coherence value at t spans the pair (t - 6 days, t]
+COH_LAG_DAYS = 7.5  # a cut is seen in the first pair after it: cut ~ t - 7.5 days (pair mid-span)
+S1_BASELINE_OBS = 4  # same-orbit values before t that make its baseline (median)
+S1_BASELINE_DAYS = 40.0  # ... within this many days
+S1_CONFIRM_AFTER_DAYS = 12.0  # an S1 rise up to this long after the first low still confirms the cut
+S1_PEAK_JOIN_DAYS = 7.0  # anomalous acquisitions closer than this form one S1 peak
+CONF_CAP = 0.95  # no single sensor makes a verdict certain
+CONF_UNCONFIRMED = 0.8  # an S2 cut without later observations to show regrowth
+CONF_NO_REGROWTH = 0.5  # a cut whose later observations show no regrowth (yet): reported, too weak alone
+NO_REGROWTH_MIN_DROP = 2.0  # without regrowth only a drop of this many thresholds is a cut
+CONF_S1_ALONE = 0.7  # an S1-only cut (blind S2) is weaker evidence than a seen drop
+CONF_NO_EVENT_S1 = 0.8  # confidence in "no cut" given steady coherence coverage
+NO_EVENT_FULL_GAP = 15.0  # longest S2 gap (days) that still rules out an unseen cut
+NO_EVENT_ZERO_GAP = 60.0  # longest gap at which "no cut" has no S2 support left
+
+
+class KernelParams(NamedTuple):
+    """The kernel's parameters by name (a numba-compatible tuple; see DEFAULTS for each reason)."""
+
+    min_drop: float
+    max_drop_threshold: float
+    noise_k: float
+    min_high: float
+    drop_window_days: float
+    regrowth_days: float
+    regrowth_share: float
+    recent_cut_days: float
+    min_spacing_days: float
+    greenup_fraction: float
+    greenup_min_amplitude: float
+    greenup_search_days: float
+    haze_min_dip: float
+    haze_max_span_days: float
+    haze_recovery: float
+    haze_blue_rise: float
+    haze_min_clear: float
+    haze_quick_days: float
+    haze_full_recovery: float
+    min_rise: float
+    s1_alone_rise: float
+    s1_alone_min_obs: float
+    s2_sees_days: float
+    bs_min_change_db: float
+
+
+def kernel_params(p: Mapping[str, Any]) -> KernelParams:
+    """The kernel's parameters from the merged marker parameters (all as floats)."""
+    return KernelParams(**{name: float(p[name]) for name in KernelParams._fields})
 
 
 @impl
@@ -46,64 +140,96 @@ def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[Marker
     return run(series, params)
 
 
+def _s2_series(series: TimeSeries, p: Mapping[str, Any]) -> tuple[ts.Panel, ts.Panel]:
+    """All S2 observations with an NDVI, and the valid (cloud-filtered, one per day) ones.
+
+    NDVI comes from B04/B08 where both exist, else from an NDVI band of the table (signature
+    tables often carry the index only). B02 stays NaN where absent (the haze screen then relies on
+    the dip's recovery).
+    """
+    panel = ts.build_panel(series.stats, "s2", ("B02", "B04", "B08", "NDVI"))
+    classes = tuple(int(c) for c in ts.param(p, "cloud_classes", ts.DEFAULT_CLOUD_CLASSES))
+    panel = ts.attach_clouds(panel, series.scl, classes)
+    v = panel.values
+    with np.errstate(divide="ignore", invalid="ignore"):
+        computed = (v["B08"] - v["B04"]) / (v["B08"] + v["B04"])
+    ndvi = np.where(np.isfinite(computed), computed, v["NDVI"])
+    panel.values["NDVI"] = np.where(np.isfinite(ndvi), ndvi, np.nan)
+    panel = ts.drop_missing(panel, ["NDVI"])
+    clear = ts.cloud_filter(
+        panel,
+        float(ts.param(p, "max_cloudy", ts.DEFAULT_MAX_CLOUDY)),
+        bool(ts.param(p, "require_scl", False)),
+    )
+    return panel, ts.dedupe_days(clear)
+
+
+def _s1_series(series: TimeSeries, p: Mapping[str, Any]) -> tuple[ts.Panel, int]:
+    """The S1 cut signal: 6-day coherence (rises after a cut), else GRD backscatter in dB."""
+    band = str(p["coherence_band"])
+    c6 = ts.drop_missing(ts.build_panel(series.stats, "c6", (band,)), (band,))
+    if len(c6.t):
+        c6.values["signal"] = np.clip(c6.values[band], 0, 1)
+        return c6, S1_COHERENCE
+    band = str(p["backscatter_band"])
+    bs = ts.build_panel(series.stats, "bs", (band,))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        db = 10 * np.log10(bs.values[band])
+    bs.values["signal"] = np.where(np.isfinite(db), db, np.nan)
+    bs = ts.drop_missing(bs, ("signal",))
+    return bs, (S1_BACKSCATTER if len(bs.t) else S1_NONE)
+
+
 def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[MarkerResult]:
     """Detect cuts for every parcel of the batch: one result per parcel."""
     p = {**DEFAULTS, **(params or {})}
     name = str(p.get("name", NAME))
     pids = ts.batch_pids(series)
-    full, s2 = ts.s2_panel(series, ("B04", "B08"), p, indices=("NDVI",))
-    c6 = ts.build_panel(series.stats, "c6", (str(p["coherence_band"]),))
-    c6 = ts.drop_missing(c6, (str(p["coherence_band"]),))
-    lo, hi = ts.season_bounds(s2 if len(s2.t) else c6, p["season_start"], p["season_end"])
-    s2_pos, c6_pos, full_pos = ts.align(s2, pids), ts.align(c6, pids), ts.align(full, pids)
-    orbit_codes = _orbit_codes(c6)
+    full, s2 = _s2_series(series, p)
+    s1, s1_kind = _s1_series(series, p)
+    lo, hi = ts.season_bounds(s2 if len(s2.t) else s1, p["season_start"], p["season_end"])
+    if hi < lo:
+        raise ValueError(f"mowing: season_end {p['season_end']} is before season_start {p['season_start']}")
+    s2_pos, s1_pos, full_pos = ts.align(s2, pids), ts.align(s1, pids), ts.align(full, pids)
+    blue = s2.values["B02"]
+    clear = np.ones(len(s2.t)) if s2.cloudy is None else 1 - np.nan_to_num(s2.cloudy, nan=0.0)
     out = _kernel(
-        *_ranges(s2, s2_pos),
+        *ts.obs_ranges(s2, s2_pos),
         s2.t,
         s2.values["NDVI"],
-        *_ranges(c6, c6_pos),
-        c6.t,
-        np.clip(c6.values[str(p["coherence_band"])], 0, 1),
-        orbit_codes,
+        blue,
+        clear,
+        *ts.obs_ranges(s1, s1_pos),
+        s1.t,
+        s1.values["signal"] if len(s1.t) else np.zeros(0),
+        _orbit_codes(s1),
+        s1_kind,
         lo,
         hi,
-        float(p["min_drop"]),
-        float(p["s2_alone_drop"]),
-        float(p["max_drop_days"]),
-        float(p["min_rise"]),
-        float(p["s1_alone_rise"]),
-        float(p["s1_seen_rise"]),
-        float(p["min_spacing_days"]),
+        kernel_params(p),
     )
-    slot, n_ev, ev_src, ev_t, ev_f, ev_i, n_s2, n_c6, max_gap = out
+    slot, n_ev, ev_src, ev_t, ev_f, ev_i, counts, floats = out
     ev_parcel = np.repeat(np.arange(len(pids)), n_ev)
     within = np.arange(len(ev_parcel)) - np.repeat(np.cumsum(n_ev) - n_ev, n_ev)
     used = slot[:-1][ev_parcel] + within  # compact the per-parcel slots
     n_all = ts.obs_count(full, full_pos)
-    n_clear_any = ts.obs_count(s2, s2_pos)
     with ts.no_gc():
         return _results(
             name,
             p,
             pids,
             s2,
-            c6,
+            s1,
+            s1_kind,
             ev_parcel,
             ev_src[used],
             ev_t[used],
             ev_f[used],
             ev_i[used],
-            n_s2,
-            n_c6,
-            max_gap,
+            counts,
+            floats,
             n_all,
-            n_clear_any,
         )
-
-
-def _ranges(panel: ts.Panel, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    start, end = ts.obs_ranges(panel, pos)
-    return start, end
 
 
 def _orbit_codes(panel: ts.Panel) -> np.ndarray:
@@ -114,7 +240,7 @@ def _orbit_codes(panel: ts.Panel) -> np.ndarray:
 
 @numba.njit(cache=True)
 def _median(buf: np.ndarray, n: int) -> float:
-    """Median of the first n (few) values, sorted in place: no allocation in the hot loop."""
+    """Median of the first n values, sorted in place (insertion sort: n is small)."""
     for a in range(1, n):
         x = buf[a]
         b = a - 1
@@ -125,31 +251,112 @@ def _median(buf: np.ndarray, n: int) -> float:
     return buf[n // 2] if n % 2 else 0.5 * (buf[n // 2 - 1] + buf[n // 2])
 
 
-@numba.njit(cache=True, parallel=True)
-def _kernel(
-    s_start,
-    s_end,
-    st,
-    sv,
-    c_start,
-    c_end,
-    ct,
-    cv,
-    corb,
-    lo,
-    hi,
-    min_drop,
-    s2_alone,
-    max_drop_days,
-    min_rise,
-    s1_alone,
-    s1_seen,
-    spacing,
-):
-    """Per parcel: despike NDVI, find drop runs and coherence peaks, fuse, enforce spacing and season.
+@numba.njit(cache=True)
+def _haze_screen(t, v, b, c, kp):
+    """Keep-mask of valid observations: False for isolated dips that are haze, not cuts."""
+    m = len(t)
+    keep = np.ones(m, np.bool_)
+    for k in range(1, m - 1):
+        a, x, z = v[k - 1], v[k], v[k + 1]
+        dip = a - x
+        if dip < kp.haze_min_dip or z - x < kp.haze_recovery * dip:
+            continue  # not a dip, or one that stays down (a cut stays down for days)
+        if t[k + 1] - t[k - 1] > kp.haze_max_span_days:
+            continue  # neighbours too far apart to call the dip isolated
+        blue = b[k] - max(b[k - 1], b[k + 1])  # NaN when B02 is absent: the test is then False
+        hazy = blue >= kp.haze_blue_rise or c[k] < kp.haze_min_clear
+        quick = t[k + 1] - t[k] <= kp.haze_quick_days and z >= a - kp.haze_full_recovery
+        if hazy or quick:
+            keep[k] = False
+    return keep
 
-    Event arrays: ev_t = (start, main, end), ev_f = (magnitude, confidence), ev_i = (s2 before,
-    s2 after, coherence) observation indices (-1 when unused).
+
+@numba.njit(cache=True)
+def _noise(t, v, lo, hi):
+    """The parcel's NDVI noise: robust spread of close consecutive differences in the season."""
+    d = np.empty(max(len(t) - 1, 1))
+    n = 0
+    for k in range(len(t) - 1):
+        if t[k] >= lo and t[k + 1] <= hi and t[k + 1] - t[k] <= NOISE_PAIR_MAX_DAYS:
+            d[n] = abs(v[k + 1] - v[k])
+            n += 1
+    if n < NOISE_MIN_PAIRS:
+        return np.nan
+    return ROBUST_SIGMA * np.median(d[:n])
+
+
+@numba.njit(cache=True)
+def _greenup(t, v, lo, kp):
+    """Day of the observed green-up (-inf when the parcel was green already or data are too few).
+
+    Values are 3-point medians (one noisy value cannot fake a low or a high). The spring high is
+    the highest value up to ``greenup_search_days`` after the season start, the low the lowest
+    before it; green-up is the first value after the low reaching ``greenup_fraction`` of the way.
+    """
+    m = len(t)
+    if m < 3:
+        return -np.inf
+    s = np.empty(m)
+    buf = np.empty(3)
+    for k in range(m):
+        if k == 0 or k == m - 1:
+            s[k] = v[k]
+        else:
+            buf[0], buf[1], buf[2] = v[k - 1], v[k], v[k + 1]
+            s[k] = _median(buf, 3)
+    end = lo + kp.greenup_search_days
+    k_hi = -1
+    for k in range(m):
+        if t[k] <= end and (k_hi < 0 or s[k] > s[k_hi]):
+            k_hi = k
+    if k_hi < 0:
+        return -np.inf
+    k_lo = 0
+    for k in range(k_hi + 1):
+        if s[k] < s[k_lo]:
+            k_lo = k
+    amplitude = s[k_hi] - s[k_lo]
+    if amplitude < kp.greenup_min_amplitude:
+        return -np.inf
+    level = s[k_lo] + kp.greenup_fraction * amplitude
+    for k in range(k_lo, k_hi + 1):
+        if s[k] >= level:
+            return t[k]
+    return t[k_hi]
+
+
+@numba.njit(cache=True)
+def _s1_anomalies(ct, cv, corb, c0, c1, lo, hi, kind):
+    """Per S1 acquisition: the cut signal minus the median of recent same-orbit values (NaN: no baseline).
+
+    Coherence rises after a cut (positive anomaly); for backscatter the absolute change is used.
+    """
+    out = np.full(c1 - c0, np.nan)
+    buf = np.empty(S1_BASELINE_OBS)
+    for i in range(c0, c1):
+        if ct[i] < lo - CONTEXT_BEFORE_DAYS or ct[i] > hi + CONTEXT_AFTER_DAYS:
+            continue
+        nb = 0
+        j = i - 1
+        while j >= c0 and nb < S1_BASELINE_OBS:
+            if corb[j] == corb[i] and ct[i] - ct[j] <= S1_BASELINE_DAYS:
+                buf[nb] = cv[j]
+                nb += 1
+            j -= 1
+        if nb >= 2:
+            a = cv[i] - _median(buf, nb)
+            out[i - c0] = a if kind == S1_COHERENCE else abs(a)
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _kernel(s_start, s_end, st, sv, sb, sc, c_start, c_end, ct, cv, corb, s1_kind, lo, hi, kp):
+    """Per parcel: screen haze, measure noise and green-up, find departures, fuse with S1, space them.
+
+    Event arrays: ev_t = (start, main, end) day numbers, ev_f = (magnitude, confidence), ev_i =
+    (S2 last high, S2 first low, S1) observation indices (-1 when unused). Per parcel: counts =
+    (valid S2 in season, S1 in season, hazy dips removed), floats = (longest S2 gap, noise, drop
+    threshold, green-up day).
     """
     n_p = len(s_start)
     slot = np.zeros(n_p + 1, np.int64)  # each parcel writes its events in its own slot range
@@ -160,179 +367,181 @@ def _kernel(
     ev_f = np.empty((slot[n_p], 2))
     ev_i = np.empty((slot[n_p], 3), np.int64)
     n_ev = np.zeros(n_p, np.int64)
-    n_s2 = np.zeros(n_p, np.int64)
-    n_c6 = np.zeros(n_p, np.int64)
-    max_gap = np.zeros(n_p)
+    counts = np.zeros((n_p, 3), np.int64)
+    floats = np.full((n_p, 4), np.nan)
     for p in numba.prange(n_p):
-        buf = np.empty(8)
-        first_ev = slot[p]
-        w = first_ev
-        # S2: clear observations in an extended window (cuts near the edges need context)
-        idx = np.empty(s_end[p] - s_start[p], np.int64)
-        m = 0
+        w = slot[p]
+        # valid S2 observations in the season and its context, haze screened
+        n_ctx = 0
         for i in range(s_start[p], s_end[p]):
-            if st[i] >= lo - 30 and st[i] <= hi + 30:
-                idx[m] = i
-                m += 1
-        last = lo
-        for k in range(m):
-            t = st[idx[k]]
-            if t >= lo and t <= hi + 1:
-                n_s2[p] += 1
-                max_gap[p] = max(max_gap[p], t - last)
-                last = t
-        max_gap[p] = max(max_gap[p], hi - last)
-        # despike: a single low value that bounces back is haze or shadow, not a cut
-        keep = np.ones(m, np.bool_)
-        for k in range(1, m - 1):
-            a, b, c = sv[idx[k - 1]], sv[idx[k]], sv[idx[k + 1]]
-            if a - b > 0.05 and c - b > 0.6 * (a - b) and st[idx[k + 1]] - st[idx[k - 1]] <= 20:
-                keep[k] = False
+            if st[i] >= lo - CONTEXT_BEFORE_DAYS and st[i] <= hi + CONTEXT_AFTER_DAYS:
+                n_ctx += 1
+        idx0 = np.empty(n_ctx, np.int64)
         q = 0
-        for k in range(m):
-            if keep[k]:
-                idx[q] = idx[k]
+        for i in range(s_start[p], s_end[p]):
+            if st[i] >= lo - CONTEXT_BEFORE_DAYS and st[i] <= hi + CONTEXT_AFTER_DAYS:
+                idx0[q] = i
                 q += 1
-        m = q
-        # S2 drop runs
-        cand_a = np.empty(m, np.int64)
-        cand_b = np.empty(m, np.int64)
-        nc = 0
-        k = 0
-        while k < m - 1:
-            if sv[idx[k + 1]] < sv[idx[k]]:
-                a = k
-                while k < m - 1 and sv[idx[k + 1]] < sv[idx[k]]:
-                    k += 1
-                b = k
-                drop = sv[idx[a]] - sv[idx[b]]
-                dur = st[idx[b]] - st[idx[a]]
-                # the steepest step must carry most of the fall: a cut is abrupt, senescence is not
-                step = 0.0
-                for r in range(a, b):
-                    step = max(step, sv[idx[r]] - sv[idx[r + 1]])
-                if drop >= min_drop and dur <= max_drop_days and step >= 0.6 * drop:
-                    # a value that bounced straight back up is noise, not a cut
-                    bounced = (
-                        b + 1 < m
-                        and st[idx[b + 1]] - st[idx[b]] <= 12
-                        and sv[idx[b + 1]] - sv[idx[b]] > 0.7 * drop
-                    )
-                    if not bounced:
-                        cand_a[nc] = idx[a]
-                        cand_b[nc] = idx[b]
-                        nc += 1
-            else:
-                k += 1
-        # S1 coherence anomalies against the recent same-orbit baseline
+        keep = _haze_screen(st[idx0], sv[idx0], sb[idx0], sc[idx0], kp)
+        idx = idx0[keep]
+        counts[p, 2] = n_ctx - len(idx)
+        t = st[idx]
+        v = sv[idx]
+        m = len(idx)
+        last = lo
+        gap = 0.0
+        for k in range(m):
+            if t[k] >= lo and t[k] <= hi + 1:
+                counts[p, 0] += 1
+                gap = max(gap, t[k] - last)
+                last = t[k]
+        floats[p, 0] = max(gap, hi - last)
+        sigma = _noise(t, v, lo, hi)
+        thr = kp.min_drop
+        if np.isfinite(sigma):
+            thr = min(max(kp.noise_k * sigma, kp.min_drop), kp.max_drop_threshold)
+        green = _greenup(t, v, lo, kp)
+        floats[p, 1], floats[p, 2], floats[p, 3] = sigma, thr, green
+        # S1 anomalies
         c0, c1 = c_start[p], c_end[p]
-        nco = c1 - c0
-        anom = np.full(nco, -1.0)
         for i in range(c0, c1):
             if ct[i] >= lo and ct[i] <= hi + 1:
-                n_c6[p] += 1
-            if ct[i] < lo - 30 or ct[i] > hi + 30:
-                continue  # outside the season and its margin no event can be dated
-            nb = 0
-            j = i - 1
-            while j >= c0 and nb < 4:
-                if corb[j] == corb[i] and ct[i] - ct[j] <= 40:
-                    buf[nb] = cv[j]
-                    nb += 1
+                counts[p, 1] += 1
+        anom = _s1_anomalies(ct, cv, corb, c0, c1, lo, hi, s1_kind)
+        s1_used = np.zeros(c1 - c0, np.bool_)
+        s1_gate = kp.min_rise if s1_kind == S1_COHERENCE else kp.bs_min_change_db
+        # S2 departures below the recent high
+        k = 1
+        while k < m:
+            # recent high: the highest value in the drop window before t[k], else the last one
+            h = k - 1
+            j = k - 1
+            while j >= 0 and t[k] - t[j] <= kp.drop_window_days:
+                if v[j] > v[h]:
+                    h = j
                 j -= 1
-            if nb >= 2:
-                anom[i - c0] = cv[i] - _median(buf, nb)
-        peak_i = np.empty(nco, np.int64)
-        peak_mag = np.empty(nco)
-        npk = 0
-        i = 0
-        while i < nco:
-            if anom[i] >= min_rise:
-                f = i
-                mag = anom[i]
-                while i + 1 < nco and anom[i + 1] >= min_rise and ct[c0 + i + 1] - ct[c0 + i] <= 7:
-                    i += 1
-                    mag = max(mag, anom[i])
-                peak_i[npk] = c0 + f
-                peak_mag[npk] = mag
-                npk += 1
-            i += 1
-        used = np.zeros(npk, np.bool_)
-        # fusion: S2 candidates, confirmed or not
-        for c in range(nc):
-            ta, tb = st[cand_a[c]], st[cand_b[c]]
-            drop = sv[cand_a[c]] - sv[cand_b[c]]
-            best = -1
-            for j in range(npk):  # the strongest unused coherence peak that fits the drop
-                tf = ct[peak_i[j]]
-                fits = tf > ta + 1 and tf <= tb + 12 and not used[j]
-                if fits and (best < 0 or peak_mag[j] > peak_mag[best]):
-                    best = j
-            has_c = False
-            for i2 in range(c0, c1):
-                if ct[i2] > ta and ct[i2] <= tb + 12:
-                    has_c = True
-                    break
-            p2 = min(0.95, drop / (2 * min_drop))
-            if best >= 0:
-                used[best] = True
-                tf = ct[peak_i[best]]
-                main = min(max(tf - 7.5, ta), tb)
-                p1 = min(0.95, peak_mag[best] / (2 * min_rise))
-                conf = 1 - (1 - p2) * (1 - p1)
-                src = SRC_BOTH
-                ci = peak_i[best]
-                mag = drop
-            elif drop >= s2_alone or not has_c:
-                main = max(0.5 * (ta + tb), tb - 8)
-                conf = p2 * (0.7 if has_c else 0.85)
-                src = SRC_S2
-                ci = -1
-                mag = drop
-            else:
+            if v[h] - v[k] < thr or v[h] < kp.min_high or t[h] < green:
+                k += 1
                 continue
+            # the low: this value or a drier one a revisit later
+            low = k
+            j = k + 1
+            while j < m and t[j] - t[k] <= DRYING_DAYS:
+                if v[j] < v[low]:
+                    low = j
+                j += 1
+            drop = v[h] - v[low]
+            # last high = last value before the first low still within half a threshold of the high
+            a = k - 1
+            while a > h and v[a] < v[h] - 0.5 * thr:
+                a -= 1
+            ta, tb = t[a], t[a + 1]
+            # regrowth after the low (no later value: unconfirmed, weaker)
+            seen_after = False
+            regrown = False
+            floor = v[low]  # cut grass may sink a little longer before it regrows; a drought keeps sinking
+            j = low + 1
+            while j < m and t[j] - t[low] <= kp.regrowth_days:
+                seen_after = True
+                if t[j] - t[low] <= REGROWTH_FLOOR_DAYS:
+                    floor = min(floor, v[j])
+                if v[j] - floor >= kp.regrowth_share * drop:
+                    regrown = True
+                    break
+                j += 1
+            nxt = low + 1
+            while nxt < m and t[nxt] - t[low] <= DRYING_DAYS:
+                nxt += 1
+            if seen_after and not regrown and drop < NO_REGROWTH_MIN_DROP * thr:
+                k = nxt
+                continue  # a small step that stays down: senescence or drought, not a cut
+            main = max(0.5 * (ta + tb), tb - kp.recent_cut_days)
+            conf = min(CONF_CAP, 0.5 + 0.5 * (drop - thr) / thr)
+            if not seen_after:
+                conf *= CONF_UNCONFIRMED
+            elif not regrown:
+                conf *= CONF_NO_REGROWTH  # a deep cut in a dry summer may not regrow for weeks
+            src = SRC_S2
+            ci = -1
+            # S1 in the window: the strongest anomaly dates the cut (coherence also confirms it)
+            best = -1
+            for i in range(c0, c1):
+                an = anom[i - c0]
+                if not (an >= s1_gate) or s1_used[i - c0]:
+                    continue
+                if s1_kind == S1_COHERENCE:
+                    ok = ct[i] > ta + 1 and ct[i] <= tb + S1_CONFIRM_AFTER_DAYS
+                else:
+                    ok = ct[i] > ta and ct[i] <= tb
+                if ok and (best < 0 or an > anom[best - c0]):
+                    best = i
+            if best >= 0:
+                s1_used[best - c0] = True
+                ci = best
+                if s1_kind == S1_COHERENCE:
+                    main = min(max(ct[best] - COH_LAG_DAYS, ta), tb)
+                    p1 = min(CONF_CAP, anom[best - c0] / (2 * kp.min_rise))
+                    conf = 1 - (1 - conf) * (1 - p1)
+                    src = SRC_BOTH
+                else:
+                    main = min(max(ct[best] - 0.5 * COH_PAIR_DAYS, ta), tb)
             ev_src[w] = src
             ev_t[w, 0], ev_t[w, 1], ev_t[w, 2] = ta, main, tb
-            ev_f[w, 0], ev_f[w, 1] = mag, conf
-            ev_i[w, 0], ev_i[w, 1], ev_i[w, 2] = cand_a[c], cand_b[c], ci
+            ev_f[w, 0], ev_f[w, 1] = drop, conf
+            ev_i[w, 0], ev_i[w, 1], ev_i[w, 2] = idx[a], idx[a + 1], ci
             w += 1
-        # S1 alone where S2 was blind around the cut
-        for j in range(npk):
-            if used[j] or peak_mag[j] < s1_alone:
-                continue
-            tf = ct[peak_i[j]]
-            d = tf - 7.5
-            before = -1
-            after = -1
-            for k in range(m):
-                t = st[idx[k]]
-                if t <= d and t >= d - 12:
-                    before = idx[k]
-                if t > d and t <= d + 10 and after < 0:
-                    after = idx[k]
-            # S2 saw the field around the cut: only a strong rise over some NDVI decline survives
-            seen = before >= 0 and after >= 0
-            if seen and (peak_mag[j] < s1_seen or sv[before] - sv[after] <= 0):
-                continue
-            ev_src[w] = SRC_S1
-            ev_t[w, 0], ev_t[w, 1], ev_t[w, 2] = tf - 9, d, tf
-            ev_f[w, 0], ev_f[w, 1] = peak_mag[j], 0.7 * min(0.95, peak_mag[j] / (2 * min_rise))
-            ev_i[w, 0], ev_i[w, 1], ev_i[w, 2] = -1, -1, peak_i[j]
-            w += 1
-        # order by main date, keep season, merge events closer than the spacing
-        cnt = w - first_ev
+            k = nxt
+        # coherence alone, where S2 was blind after the cut
+        if s1_kind == S1_COHERENCE:
+            i = c0
+            while i < c1:
+                an = anom[i - c0]
+                if not (an >= kp.min_rise) or s1_used[i - c0]:
+                    i += 1
+                    continue
+                f = i
+                mag = an
+                n_hi = 0
+                while i < c1 and (anom[i - c0] >= kp.min_rise) and ct[i] - ct[f] <= 2 * S1_PEAK_JOIN_DAYS:
+                    mag = max(mag, anom[i - c0])
+                    n_hi += 1
+                    i += 1
+                d = ct[f] - COH_LAG_DAYS
+                if mag < kp.s1_alone_rise or n_hi < kp.s1_alone_min_obs or d < green:
+                    continue
+                before = -1
+                after = -1
+                for kk in range(m):
+                    if t[kk] <= d:
+                        before = kk
+                    elif after < 0:
+                        after = kk
+                if after >= 0 and t[after] - d <= kp.s2_sees_days:
+                    continue  # S2 looked soon after: its (missing) drop is the better evidence
+                if before >= 0 and v[before] < kp.min_high:
+                    continue  # nothing to cut
+                ev_src[w] = SRC_S1
+                ev_t[w, 0], ev_t[w, 1], ev_t[w, 2] = ct[f] - COH_PAIR_DAYS - COH_LAG_DAYS, d, ct[f]
+                ev_f[w, 0], ev_f[w, 1] = mag, CONF_S1_ALONE * min(CONF_CAP, mag / (2 * kp.min_rise))
+                ev_i[w, 0] = idx[before] if before >= 0 else -1
+                ev_i[w, 1] = idx[after] if after >= 0 else -1
+                ev_i[w, 2] = f
+                w += 1
+        # order by main date, keep the season, merge cuts closer than the spacing
+        first = slot[p]
+        cnt = w - first
         if cnt == 0:
             continue
-        order = np.argsort(ev_t[first_ev:w, 1]) + first_ev
+        order = np.argsort(ev_t[first:w, 1]) + first
         tmp_src = ev_src[order].copy()
         tmp_t = ev_t[order].copy()
         tmp_f = ev_f[order].copy()
         tmp_i = ev_i[order].copy()
-        w = first_ev
+        w = first
         for r in range(cnt):
             if tmp_t[r, 1] < lo or tmp_t[r, 1] >= hi + 1:
                 continue
-            if w > first_ev and tmp_t[r, 1] - ev_t[w - 1, 1] < spacing:
+            if w > first and tmp_t[r, 1] - ev_t[w - 1, 1] < kp.min_spacing_days:
                 if tmp_f[r, 1] > ev_f[w - 1, 1]:
                     ev_src[w - 1] = tmp_src[r]
                     ev_t[w - 1] = tmp_t[r]
@@ -344,8 +553,8 @@ def _kernel(
             ev_f[w] = tmp_f[r]
             ev_i[w] = tmp_i[r]
             w += 1
-        n_ev[p] = w - first_ev
-    return slot, n_ev, ev_src, ev_t, ev_f, ev_i, n_s2, n_c6, max_gap
+        n_ev[p] = w - first
+    return slot, n_ev, ev_src, ev_t, ev_f, ev_i, counts, floats
 
 
 def _results(
@@ -353,22 +562,21 @@ def _results(
     p: Mapping[str, Any],
     pids: np.ndarray,
     s2: ts.Panel,
-    c6: ts.Panel,
+    s1: ts.Panel,
+    s1_kind: int,
     ev_parcel: np.ndarray,
     ev_src: np.ndarray,
     ev_t: np.ndarray,
     ev_f: np.ndarray,
     ev_i: np.ndarray,
-    n_s2: np.ndarray,
-    n_c6: np.ndarray,
-    max_gap: np.ndarray,
+    counts: np.ndarray,
+    floats: np.ndarray,
     n_all: np.ndarray,
-    n_clear_any: np.ndarray,
 ) -> list[MarkerResult]:
     """Assemble one MarkerResult per parcel from the kernel's flat event arrays."""
     s2_names = [str(x) for x in s2.obs_names]
-    c6_names = [str(x) for x in c6.obs_names]
-    s2_obs, c6_obs = s2.obs.tolist(), c6.obs.tolist()
+    s1_names = [str(x) for x in s1.obs_names]
+    s2_obs, s1_obs = s2.obs.tolist(), s1.obs.tolist()
     ev_i = ev_i.tolist()
     day = np.floor(ev_t).astype(np.int64)
     base = int(day.min()) if len(day) else 0
@@ -378,26 +586,42 @@ def _results(
     ev_conf = np.round(ev_f[:, 1], 3).tolist()
     kinds = {SRC_S2: "mowing:s2", SRC_S1: "mowing:s1", SRC_BOTH: "mowing:s2+s1"}
     ev_kind = [kinds[x] for x in ev_src.tolist()]
-    bounds = np.searchsorted(ev_parcel, np.arange(len(pids) + 1))
+    bounds = np.searchsorted(ev_parcel, np.arange(len(pids) + 1)).tolist()
     min_clear, min_s1 = int(p["min_clear_obs"]), int(p["min_s1_obs"])
-    max_gap = np.round(max_gap, 1)
+    n_valid, n_s1, n_hazy = (counts[:, j].tolist() for j in range(3))
+    max_gap = np.round(floats[:, 0], 1).tolist()
+    noise = np.round(floats[:, 1], 4).tolist()
+    thr = np.round(floats[:, 2], 4).tolist()
+    green = floats[:, 3]
+    green_date = [ts.to_date(g).isoformat() if np.isfinite(g) else None for g in green]
+    n_all = n_all.tolist()
+    n_coh = n_s1 if s1_kind == S1_COHERENCE else [0] * len(pids)
     out = []
-    n_s2, n_c6, n_all, max_gap = n_s2.tolist(), n_c6.tolist(), n_all.tolist(), max_gap.tolist()
-    n_clear_any = n_clear_any.tolist()
-    bounds = bounds.tolist()
     for k, pid in enumerate(pids.tolist()):
-        ns2, nc6 = n_s2[k], n_c6[k]
-        values = {"n_clear_s2": ns2, "n_s2": n_all[k], "n_coherence": nc6, "max_gap_s2": max_gap[k]}
+        ns2, nc6 = n_valid[k], n_coh[k]
+        values = {
+            "n_clear_s2": ns2,
+            "n_s2": n_all[k],
+            "n_hazy_s2": n_hazy[k],
+            "n_coherence": nc6,
+            "n_backscatter": n_s1[k] if s1_kind == S1_BACKSCATTER else 0,
+            "max_gap_s2": max_gap[k],
+            "ndvi_noise": None if noise[k] != noise[k] else noise[k],
+            "drop_threshold": thr[k],
+            "greenup": green_date[k],
+        }
         if ns2 < min_clear and nc6 < min_s1:
             if n_all[k] == 0 and nc6 == 0:
-                reason = "no Sentinel-2 B04/B08 nor Sentinel-1 coherence observation in the season"
-            elif n_clear_any[k] == 0 and n_all[k] > 0:
+                reason = "no Sentinel-2 B04/B08 (or NDVI) nor Sentinel-1 coherence observation in the season"
+            elif ns2 == 0 and n_all[k] > 0:
                 reason = f"all {n_all[k]} Sentinel-2 observations cloudy or invalid, {nc6} S1 coherence"
             else:
                 reason = (
-                    f"too few observations in season: {ns2} clear S2 (need {min_clear}) and "
+                    f"too few observations in season: {ns2} valid S2 (need {min_clear}) and "
                     f"{nc6} S1 coherence (need {min_s1})"
                 )
+            if s1_kind == S1_BACKSCATTER and n_s1[k]:
+                reason += "; S1 backscatter alone does not show cuts (speckle as large as a cut's change)"
             out.append(MarkerResult(name, pid, Status.NOT_VALID, reason, values=values, confidence=0.0))
             continue
         events = []
@@ -405,7 +629,7 @@ def _results(
         for e in range(bounds[k], bounds[k + 1]):
             ia, ib, ic = ev_i[e]
             used = [s2_names[s2_obs[i]] for i in (ia, ib) if i >= 0] + (
-                [c6_names[c6_obs[ic]]] if ic >= 0 else []
+                [s1_names[s1_obs[ic]]] if ic >= 0 else []
             )
             obsids += used
             d0, d1, d2 = ev_d[e]
@@ -417,8 +641,11 @@ def _results(
         if events:
             conf = sum(e.confidence for e in events) / len(events)
         else:  # confidence that no cut was missed: dense S2 coverage or steady coherence
-            cov_s2 = min(1.0, max(0.0, 1 - (max_gap[k] - 15) / 45)) if ns2 >= min_clear else 0.0
-            cov_s1 = 0.8 if nc6 >= min_s1 else 0.0
+            span = NO_EVENT_ZERO_GAP - NO_EVENT_FULL_GAP
+            cov_s2 = (
+                min(1.0, max(0.0, 1 - (max_gap[k] - NO_EVENT_FULL_GAP) / span)) if ns2 >= min_clear else 0.0
+            )
+            cov_s1 = CONF_NO_EVENT_S1 if nc6 >= min_s1 else 0.0
             conf = max(cov_s2, cov_s1)
         out.append(MarkerResult(name, pid, Status.OK, "", events, values, round(conf, 3), tuple(obsids)))
     return out

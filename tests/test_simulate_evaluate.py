@@ -140,7 +140,7 @@ def test_cbm_evaluate_simulated_scheme():
     out = CliRunner().invoke(cli, ["evaluate", "--simulate", "300", "--seed", "3"])
     assert out.exit_code == 0, out.output
     report = json.loads(out.output)
-    assert report["markers"]["mowing"]["mowing"]["f1"] > 0.85
+    assert report["markers"]["mowing"]["mowing"]["f1"] > 0.8
     assert report["markers"]["bare_soil"]["ploughing"]["f1"] > 0.8
     assert sum(report["verdicts"].values()) == 300
 
