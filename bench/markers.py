@@ -8,6 +8,12 @@ Throughput: parcel-years of simulated S2 (B02 B03 B04 B08 B11 + SCL) and S1 (bac
 marker calls are timed (simulation is not). Each size runs in a fresh process so its peak RSS is
 its own. Event F1 (+-12 days, one-to-one) of the mowing and ploughing markers is measured against
 the simulator's truth on the same parcels.
+
+Quality by simulator profile (``--quality-parcels``, default 20 000 parcel-years per profile): the
+mowing marker's event scores on grassland with S2 + coherence and with S2 + GRD backscatter only,
+on the original simulator ("default") and on the one calibrated on real series ("flanders", see
+bench/simulator.py), beside the naive rule (clear NDVI drop >= 0.1 from above 0.4, detections 15
+days apart) on the same series. The calibrated profile is harder; neither predicts field accuracy.
 The crop-type marker's benchmark on real parcels is bench/worldcereal.py.
 """
 
@@ -30,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cbm_core.pipeline import MARKER_BATCH  # noqa: E402
+from markers import _series as ts  # noqa: E402
 from markers._evaluate import event_scores, events_table  # noqa: E402
 from markers._simulate import simulate  # noqa: E402
 
@@ -83,6 +90,47 @@ def one_size(n: int, markers: list[str], batch: int, seed: int) -> dict:
     report["peak_rss_mb"] = _peak_rss_mb()
     report["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     return report
+
+
+NAIVE_DROP, NAIVE_FROM, NAIVE_SPACING = 0.1, 0.4, 15.0  # the naive peer of issue 13
+
+
+def naive_cuts(series, season: tuple[str, str] = ("03-16", "10-27")) -> pd.DataFrame:
+    """The naive rule: a valid NDVI drop >= 0.1 from above 0.4, dated mid-way, 15 days apart."""
+    from markers import mowing
+
+    _, s2 = mowing._s2_series(series, mowing.DEFAULTS)
+    lo, hi = ts.season_bounds(s2, *season)
+    rows = []
+    for k, pid in enumerate(s2.pids.tolist()):
+        t = s2.t[s2.offsets[k] : s2.offsets[k + 1]]
+        v = s2.values["NDVI"][s2.offsets[k] : s2.offsets[k + 1]]
+        last = -np.inf
+        for i in np.flatnonzero((v[:-1] > NAIVE_FROM) & (v[:-1] - v[1:] >= NAIVE_DROP)) + 1:
+            if lo <= t[i] <= hi + 1 and t[i] - last >= NAIVE_SPACING:
+                rows.append((pid, ts.to_date(0.5 * (t[i - 1] + t[i]))))
+                last = t[i]
+    return pd.DataFrame(rows, columns=["pid", "date"])
+
+
+def quality(n: int, seed: int) -> dict:
+    """Mowing event scores on each simulator profile and sensor set, beside the naive rule."""
+    from markers import mowing
+    from markers._simulate import PROFILES
+
+    out: dict = {}
+    for profile in PROFILES:
+        for sensors, cards in (("s2+coherence", ("bs", "c6")), ("s2+backscatter", ("bs",))):
+            scenario = simulate(n, seed=seed, profile=profile, s1_cards=cards)
+            grass = scenario.actual_crop.index[scenario.actual_crop == "grassland"]
+            truth = scenario.truth[scenario.truth["kind"] == "mowing"]
+            found = events_table(mowing.run(scenario.series, {}))
+            out[f"{profile} {sensors}"] = {
+                "mowing": event_scores(truth, found, 12, pids=grass),
+                "naive": event_scores(truth, naive_cuts(scenario.series), 12, pids=grass),
+            }
+            print(f"quality {profile} {sensors}: {out[f'{profile} {sensors}']}", file=sys.stderr)
+    return {"parcels": n, "seed": seed, "profiles": out}
 
 
 def throughput(sizes: list[int], markers: list[str], batch: int, seed: int) -> dict:
@@ -148,6 +196,7 @@ def main() -> None:
     parser.add_argument("--markers", nargs="+", default=["mowing", "bare_soil"])
     parser.add_argument("--batch", type=int, default=MARKER_BATCH)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quality-parcels", type=int, default=20_000, help="0: skip the profile scores")
     parser.add_argument("--out", type=Path)
     one = sub.add_parser("one", help="(internal) one size in this process")
     one.add_argument("n", type=int)
@@ -159,6 +208,8 @@ def main() -> None:
         print(json.dumps(one_size(args.n, args.markers, args.batch, args.seed)))
         return
     report = throughput(args.sizes, args.markers, args.batch, args.seed)
+    if args.quality_parcels:
+        report["mowing_quality"] = quality(args.quality_parcels, args.seed)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -29,6 +29,37 @@ CROPS = {  # crop_name -> (crop_code, default share)
     "rapeseed": (4, 0.1),
 }
 ORBITS = ("ASC", "DESC")
+GRASS_PEAK = 0.82  # grassland NDVI at full canopy before autumn
+S1_MIN_LOOKS, S1_MAX_LOOKS = 4, 100  # parcel-mean speckle looks when counted from 20 m pixels
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What makes simulated series look like a region's real ones (see PROFILES for the sources)."""
+
+    haze_rate: float  # share of SCL-clear observations with haze SCL misses
+    haze_depth: tuple[float, float]  # haze optical weight (mix with cloud reflectance), uniform range
+    red_noise: float  # relative noise of red reflectance (dense canopy: tiny red, large relative error)
+    grass_winter: tuple[float, float]  # grassland NDVI before green-up, uniform range per parcel
+    regrowth_tau: tuple[float, float]  # days for a cut's NDVI deficit to shrink by 1/e, uniform range
+    cut_depth: tuple[float, float]  # NDVI removed by a cut, uniform range
+    s1_looks: float | None  # speckle looks of parcel-mean backscatter; None: one per 20 m pixel
+    s1_wetness_db: float  # per-acquisition backscatter shift shared by all parcels (rain, dew)
+    s1_parcel_db: float  # per-parcel backscatter offset (soil, slope, sward)
+    rain_rate: float  # share of S1 acquisitions on a wet day (coherence lost)
+
+
+PROFILES: dict[str, Profile] = {
+    # The original simulator: clean, quick regrowth, dormant winters; kept to compare with.
+    "default": Profile(0.03, (0.15, 0.5), 0.03, (0.32, 0.32), (8, 14), (0.15, 0.4), 40.0, 0.0, 0.0, 0.08),
+    # Calibrated on real series (bench/simulator.py, docs/benchmarks.md): flanders-seasons 2018/2019
+    # grassland (haze the screen removes 5.4-5.5 % of valid observations, B02 p90 0.09, NDVI noise
+    # 0.027 on dense pairs, winter NDVI 0.59-0.88, 30-50 % of a cut's deficit regrown after 3-5
+    # weeks, S1 consecutive-difference spread 1.0-1.2 dB with 1.8-2.5 dB on small parcels, levels
+    # spread over 1-4 dB between parcels, 34 % of April-October days with >= 1 mm rain in AgERA5),
+    # flanders-2023 (S1 spread 1.0-1.2 dB) and worldcereal-fra-2023 meadows (levels spread 4.8 dB).
+    "flanders": Profile(0.05, (0.1, 0.3), 0.1, (0.6, 0.88), (15, 35), (0.12, 0.35), None, 0.4, 1.5, 0.34),
+}
 
 
 @dataclass
@@ -49,19 +80,26 @@ def simulate(
     s2_revisit: int = 5,
     s1_revisit: int = 6,
     cloudiness: float = 0.45,
-    haze_rate: float = 0.03,
+    haze_rate: float | None = None,
     s1_missing: float = 0.05,
     swap_rate: float = 0.0,
     s2_bands: tuple[str, ...] = S2_BANDS,
     s1_cards: tuple[str, ...] = ("bs", "c6"),
     categorical: bool = True,
+    profile: str = "default",
 ) -> Scenario:
     """Simulate ``n_parcels`` parcel-years; ``swap_rate`` of them declare a crop they do not grow.
 
     ``cloudiness`` is the mean share of cloudy S2 scenes, ``haze_rate`` the share of observations
     whose thin haze SCL misses, ``s1_missing`` the share of S1 acquisitions that are absent.
     Columns with few distinct labels are categorical when ``categorical`` (cheap and fast).
+    ``profile`` names the noise, haze, regrowth and S1 behaviour (``PROFILES``); ``haze_rate``
+    overrides the profile's.
     """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown simulator profile {profile!r}; known: {', '.join(PROFILES)}")
+    prof = PROFILES[profile]
+    haze_rate = prof.haze_rate if haze_rate is None else haze_rate
     rng = np.random.default_rng(seed)
     n = int(n_parcels)
     pids = np.arange(pid_start, pid_start + n, dtype=np.int64)
@@ -79,7 +117,7 @@ def simulate(
 
     # Canopy state on a daily grid, then sampled at acquisition dates ---------------------------
     doy = np.arange(0, 366, dtype=float)
-    ndvi, soil, rough, truth = _phenology(rng, actual, doy)
+    ndvi, soil, rough, truth = _phenology(rng, actual, doy, prof)
 
     # Sentinel-2 ----------------------------------------------------------------------------------
     s2_days = np.arange(2 + rng.integers(0, s2_revisit), 365, s2_revisit)
@@ -87,7 +125,7 @@ def simulate(
     d2 = len(s2_days)
     v = ndvi[:, s2_days]
     s = soil[:, s2_days]
-    surf = _reflectance(rng, v, s)
+    surf = _reflectance(rng, v, s, prof.red_noise)
     npx = rng.integers(20, 400, size=n)[:, None] * np.ones((1, d2), dtype=np.int64)
     cloudy_frac = np.where(
         rng.random((n, d2)) < scene_cloud[None, :],
@@ -95,7 +133,7 @@ def simulate(
         np.where(rng.random((n, d2)) < 0.1, rng.uniform(0.0, 0.04, (n, d2)), 0.0),
     )
     haze = (cloudy_frac == 0) & (rng.random((n, d2)) < haze_rate)
-    haze_frac = np.where(haze, rng.uniform(0.15, 0.5, (n, d2)), 0.0)
+    haze_frac = np.where(haze, rng.uniform(*prof.haze_depth, (n, d2)), 0.0)
     mix = np.clip(cloudy_frac + haze_frac, 0, 1)
     cloud_refl = {"B02": 0.45, "B03": 0.45, "B04": 0.46, "B08": 0.5, "B11": 0.35}
     s2_vals = {b: (1 - mix) * surf[b] + mix * cloud_refl[b] * rng.uniform(0.8, 1.1, (n, d2)) for b in surf}
@@ -118,7 +156,7 @@ def simulate(
         present = rng.random(len(days)) >= s1_missing
         acq = days[present]
         if "bs" in s1_cards:
-            vv, vh = _backscatter(rng, ndvi[:, acq], soil[:, acq], rough[:, acq], k)
+            vv, vh = _backscatter(rng, ndvi[:, acq], soil[:, acq], rough[:, acq], k, npx[:, 0], prof)
             blocks.append(
                 _block(acq + day0, "bs", orbit, {"VV": vv, "VH": vh}, npx[:, 0], _s1_name(orbit, "bs"))
             )
@@ -126,7 +164,7 @@ def simulate(
             pair_ok = np.flatnonzero(present[1:] & present[:-1]) + 1
             ends = days[pair_ok]
             starts = days[pair_ok - 1]
-            coh_vv = _coherence(rng, ndvi, soil, truth, starts, ends, k, n)
+            coh_vv = _coherence(rng, ndvi, soil, truth, starts, ends, k, n, prof.rain_rate)
             coh_vh = np.clip(coh_vv * 0.8 + rng.normal(0, 0.02, coh_vv.shape), 0, 1)
             blocks.append(
                 _block(
@@ -162,7 +200,7 @@ def _s1_name(orbit: str, card: str):
 
 
 def _phenology(
-    rng: np.random.Generator, actual: np.ndarray, doy: np.ndarray
+    rng: np.random.Generator, actual: np.ndarray, doy: np.ndarray, prof: Profile
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
     """Daily NDVI, soil state (0 vegetated, 1 stubble/residue, 2 freshly tilled) and roughness."""
     n = len(actual)
@@ -181,7 +219,10 @@ def _phenology(
     g = np.flatnonzero(actual == "grassland")
     if len(g):
         shift = rng.normal(0, 8, (len(g), 1))
-        base = 0.32 + 0.5 * sig((t - 85 - shift) / 12) - 0.22 * sig((t - 305 - shift) / 15)
+        lo, hi = prof.grass_winter
+        winter = lo if lo == hi else rng.uniform(lo, hi, (len(g), 1))
+        amp = GRASS_PEAK - winter  # green-up from the winter level, autumn decline by 44 % of it
+        base = winter + amp * sig((t - 85 - shift) / 12) - 0.44 * amp * sig((t - 305 - shift) / 15)
         base += 0.025 * np.sin(
             2 * np.pi * t / rng.uniform(40, 90, (len(g), 1)) + rng.uniform(0, 6, (len(g), 1))
         )
@@ -199,8 +240,8 @@ def _phenology(
             day = first if k == 0 else cut[:, k - 1] + gap
             ok = (k < n_cuts) & (day <= 290)
             cut[:, k] = np.where(ok, day, np.nan)
-        drop = rng.uniform(0.15, 0.4, (len(g), 4))
-        tau = rng.uniform(8, 14, (len(g), 4))
+        drop = rng.uniform(*prof.cut_depth, (len(g), 4))
+        tau = rng.uniform(*prof.regrowth_tau, (len(g), 4))
         series = base.copy()
         for k in range(4):
             m = cut[:, k : k + 1]
@@ -272,11 +313,13 @@ def _scene_clouds(rng: np.random.Generator, days: np.ndarray, cloudiness: float)
     return out
 
 
-def _reflectance(rng: np.random.Generator, ndvi: np.ndarray, soil: np.ndarray) -> dict[str, np.ndarray]:
+def _reflectance(
+    rng: np.random.Generator, ndvi: np.ndarray, soil: np.ndarray, red_noise: float
+) -> dict[str, np.ndarray]:
     """Surface reflectance consistent with the NDVI, brighter in SWIR over residue and bare soil."""
     noise = lambda: rng.normal(1, 0.03, ndvi.shape)  # noqa: E731
     b08 = (0.16 + 0.33 * ndvi) * noise()
-    b04 = b08 * (1 - ndvi) / (1 + ndvi) * noise()
+    b04 = b08 * (1 - ndvi) / (1 + ndvi) * np.maximum(rng.normal(1, red_noise, ndvi.shape), 0.2)
     residue = soil == 1
     tilled = soil == 2
     b02 = (0.55 * b04 + 0.012 + 0.03 * residue - 0.005 * tilled) * noise()
@@ -286,12 +329,30 @@ def _reflectance(rng: np.random.Generator, ndvi: np.ndarray, soil: np.ndarray) -
 
 
 def _backscatter(
-    rng: np.random.Generator, ndvi: np.ndarray, soil: np.ndarray, rough: np.ndarray, orbit: int
+    rng: np.random.Generator,
+    ndvi: np.ndarray,
+    soil: np.ndarray,
+    rough: np.ndarray,
+    orbit: int,
+    pixels: np.ndarray,
+    prof: Profile,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Linear gamma0 VV/VH: volume scattering grows with the canopy, roughness brightens VV."""
+    """Linear gamma0 VV/VH: volume scattering grows with the canopy, roughness brightens VV.
+
+    Speckle of a parcel mean: gamma with the profile's looks, or one look per 20 m pixel (a
+    quarter of the 10 m pixels); the calibrated profile adds wet days and parcel offsets.
+    """
     vv_db = -14 + 4 * ndvi + 2.5 * rough - 0.7 * orbit
     vh_db = -22 + 7 * ndvi + 1.5 * rough - 0.7 * orbit
-    speckle = lambda: rng.gamma(40, 1 / 40, ndvi.shape)  # noqa: E731  (parcel-mean multilook)
+    if prof.s1_wetness_db or prof.s1_parcel_db:
+        shift = rng.normal(0, prof.s1_wetness_db, (1, ndvi.shape[1]))
+        shift = shift + rng.normal(0, prof.s1_parcel_db, (ndvi.shape[0], 1))
+        vv_db, vh_db = vv_db + shift, vh_db + shift
+    if prof.s1_looks is None:
+        looks = np.clip(pixels / 4, S1_MIN_LOOKS, S1_MAX_LOOKS).astype(float)[:, None]
+    else:
+        looks = np.full((ndvi.shape[0], 1), prof.s1_looks)
+    speckle = lambda: rng.gamma(looks, 1 / looks, ndvi.shape)  # noqa: E731  (parcel-mean multilook)
     return 10 ** (vv_db / 10) * speckle(), 10 ** (vh_db / 10) * speckle()
 
 
@@ -304,6 +365,7 @@ def _coherence(
     ends: np.ndarray,
     orbit: int,
     n: int,
+    rain_rate: float,
 ) -> np.ndarray:
     """6-day VV coherence: low over growing canopy, high over bare/cut fields, lost across a change."""
     v = 0.5 * (ndvi[:, starts] + ndvi[:, ends])
@@ -320,7 +382,7 @@ def _coherence(
             coh[row] += np.where(after >= 0, lift, 0.0)
         spans = (starts < d) & (ends >= d)
         coh[row] = np.where(spans, np.minimum(coh[row], 0.18), coh[row])
-    rain = rng.random(ends.shape) < 0.08  # wet scenes decorrelate everything
+    rain = rng.random(ends.shape) < rain_rate  # wet scenes decorrelate everything
     coh = np.where(rain[None, :], coh * 0.6, coh)
     return np.clip(coh + rng.normal(0, 0.04, coh.shape), 0.02, 0.98)
 
