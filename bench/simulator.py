@@ -1,10 +1,12 @@
 """Real vs simulated series: the statistics the simulator is calibrated on (JSON on stdout or --out).
 
-    cbm extract --parcels flanders-seasons/parcels.gpkg --scenes flanders-seasons/scenes.csv --out seasons.parquet
-    cbm extract --parcels flanders-2023/parcels.gpkg --scenes flanders-2023/scenes.csv --out april2023.parquet
+    cd COPY   # a scratch copy of ../shared/data (flanders-seasons, flanders-2023, worldcereal-fra-2023)
+    cbm extract --parcels flanders-seasons/parcels.gpkg --scenes flanders-seasons/scenes.csv \\
+        --out seasons.parquet
+    cbm extract --parcels flanders-2023/parcels.gpkg --scenes flanders-2023/scenes.csv --out april.parquet
     python bench/simulator.py --seasons seasons.parquet --seasons-parcels flanders-seasons/parcels.gpkg \\
-        --april april2023.parquet \\
-        --worldcereal ../shared/data/worldcereal-fra-2023/2023_FRA_LPIS_POLY_110.geoparquet --out bench/simulator.json
+        --april april.parquet --out bench/simulator.json \\
+        --worldcereal worldcereal-fra-2023/2023_FRA_LPIS_POLY_110.geoparquet
 
 The same measurements run on the real signatures and on simulated parcel-years of each simulator
 profile ("default": the original, "flanders": calibrated on these numbers), so docs/benchmarks.md
@@ -45,7 +47,7 @@ def _q(values, qs=(10, 50, 90)) -> dict:
     values = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
     if not len(values):
         return {"n": 0}
-    return {"n": int(len(values)), **{f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}}
+    return {"n": len(values), **{f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}}
 
 
 def s2_statistics(series, grass: set[int], year: int) -> dict:
@@ -87,7 +89,7 @@ def s2_statistics(series, grass: set[int], year: int) -> dict:
         if n_acq:
             share.append(n_ok / n_acq)
     return {
-        "parcels": int(len(valid.pids)),
+        "parcels": len(valid.pids),
         "valid_share": _q(share),
         "gap_days": _q(gaps, (50, 75, 90, 99)),
         "valid_dekad_share": _q(dekads),
@@ -157,7 +159,7 @@ def real_statistics(
 ) -> dict:
     import geopandas as gpd
 
-    from cbm_core.score import read_signatures
+    from cbm_core.api import read_signatures
 
     out: dict = {}
     if seasons and seasons_parcels:

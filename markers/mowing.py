@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "haze_min_clear": 0.99,  # a dip on a parcel less clear than this share is haze
     "haze_quick_days": 10,  # a full recovery within this many days is too quick for regrowth ...
     "haze_full_recovery": 0.03,  # ... full = back within this NDVI of the value before the dip
+    "haze_noblue_days": 15,  # without B02: a dip regained within this many days ...
+    "haze_noblue_recovery": 0.75,  # ... by this share is haze (cuts regain it over 3+ weeks)
     "min_rise": 0.08,  # 6-day coherence rise over the same-orbit median that confirms a cut
     "s1_alone_rise": 0.15,  # coherence rise accepted without Sentinel-2 (where S2 was blind)
     "s1_alone_min_obs": 2,  # ... seen on at least this many acquisitions (one pair is too fragile)
@@ -123,6 +125,8 @@ class KernelParams(NamedTuple):
     haze_min_clear: float
     haze_quick_days: float
     haze_full_recovery: float
+    haze_noblue_days: float
+    haze_noblue_recovery: float
     min_rise: float
     s1_alone_rise: float
     s1_alone_min_obs: float
@@ -266,6 +270,10 @@ def _haze_screen(t, v, b, c, kp):
         blue = b[k] - max(b[k - 1], b[k + 1])  # NaN when B02 is absent: the test is then False
         hazy = blue >= kp.haze_blue_rise or c[k] < kp.haze_min_clear
         quick = t[k + 1] - t[k] <= kp.haze_quick_days and z >= a - kp.haze_full_recovery
+        if not np.isfinite(blue):  # no blue band: a mostly regained dip within two weeks is haze too
+            quick = quick or (
+                t[k + 1] - t[k] <= kp.haze_noblue_days and z - x >= kp.haze_noblue_recovery * dip
+            )
         if hazy or quick:
             keep[k] = False
     return keep
