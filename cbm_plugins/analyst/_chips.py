@@ -4,6 +4,12 @@ Pixels come through the configured source's `cbm_source_read_window` hook, so ch
 whatever the run reads (local COGs, /vsis3/ URLs, ...). Each chip keeps the physical values on
 the finest band's grid (for GeoTIFFs) and a display image (for PNGs and the calendar).
 A date whose pixels cannot be shown keeps its place with a message saying why.
+
+What an inspector reads on a chip: the parcel centred in a square window (its bounding box plus a
+buffer in metres), its outline, a scale bar, a north arrow on single chips, and a colour bar on
+index chips. The calendar ranks dates by the parcel's valid share under the core's validity
+policy (unusable SCL classes, `cbm_core.model`), keeps every observation a marker used, and marks
+the used observations and the marker event dates.
 """
 
 from __future__ import annotations
@@ -19,20 +25,36 @@ import numpy as np
 import pandas as pd
 import rasterio
 from affine import Affine
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
+from rasterio.transform import from_bounds
 from rasterio.warp import Resampling, reproject
 
 from cbm_core.errors import CbmError, InputError
-from cbm_core.model import DEFAULT_UNUSABLE_CLASSES, HIST_COLUMNS, BandRef, RasterWindow
+from cbm_core.model import (
+    DEFAULT_MAX_UNUSABLE_SHARE,
+    DEFAULT_UNUSABLE_CLASSES,
+    BandRef,
+    RasterWindow,
+    unusable_share,
+)
 from cbm_plugins.analyst._plots import RunLike, open_run
 
 # SWIR-NIR-red false colour (as demo/flanders-2023/overview.png): vegetation green, bare soil
 # and stubble brown-pink; fixed stretches keep dates comparable.
 KINDS = {"falsecolour": ("B11", "B08", "B04"), "ndvi": ("B04", "B08")}
 STRETCH = {"B11": (0.0, 0.40), "B08": (0.0, 0.50), "B04": (0.0, 0.15)}
-MIN_MARGIN_M = 30.0
+DEFAULT_SIZE_PX = 128  # chip width and height in display pixels, as the JRC chip services
+DEFAULT_BUFFER_M = 50.0  # ground around the parcel's bounding box, so its edges never touch the border
+NDVI_RANGE = (-0.2, 1.0)  # fixed colour scale, so NDVI chips of different dates compare
+USED_COLOUR = "#6a1b9a"  # frame of an observation a marker used (as the ring on the parcel plot)
+EVENT_COLOUR = "#d50000"  # frame and label of a marker event date
+NODATA_GREY = 0.85  # outside the imagery: grey, not white, so it is not read as cloud
+NDVI_CMAP = colormaps["RdYlGn"].with_extremes(bad=str(NODATA_GREY))
+SCALE_BAR_SHARE = 0.3  # a scale bar spans at most this share of the chip width
 
 
 @dataclass
@@ -46,8 +68,25 @@ class Chip:
     data: np.ndarray | None  # (bands, rows, cols) physical values, NaN = nodata
     transform: Affine | None
     crs: str
-    cloudy: float | None  # the parcel's cloudy SCL share on that date, if extracted
+    cloudy: float | None  # the parcel's unusable SCL share on that date, if extracted
     message: str = ""  # why there is no image
+    bounds: tuple[float, float, float, float] | None = None  # the centred square shown, in `crs`
+    used: bool = False  # a marker based its result on this observation
+    events: tuple[str, ...] = ()  # labels of the marker events dated on (or nearest to) this chip
+
+    @property
+    def valid_share(self) -> float | None:
+        """Share of the parcel's pixels in a usable SCL class (None when SCL was not extracted)."""
+        return None if self.cloudy is None or math.isnan(self.cloudy) else 1.0 - self.cloudy
+
+    @property
+    def valid(self) -> bool | None:
+        """Valid under the core's policy: at most DEFAULT_MAX_UNUSABLE_SHARE unusable pixels."""
+        return (
+            None
+            if self.cloudy is None or math.isnan(self.cloudy)
+            else (self.cloudy <= DEFAULT_MAX_UNUSABLE_SHARE)
+        )
 
     @property
     def image(self) -> np.ndarray | None:
@@ -62,12 +101,35 @@ class Chip:
             np.clip((b - lo) / (hi - lo), 0, 1)
             for b, (lo, hi) in zip(self.data, map(STRETCH.get, self.bands), strict=True)
         ]
-        return np.nan_to_num(np.dstack(rgb), nan=1.0)
+        return np.nan_to_num(np.dstack(rgb), nan=NODATA_GREY)
 
     @property
     def label(self) -> str:
-        cloud = "" if self.cloudy is None or math.isnan(self.cloudy) else f" · {self.cloudy:.0%} cloudy"
-        return f"{self.date:%Y-%m-%d}{cloud}"
+        share = self.valid_share
+        valid = "" if share is None else f" · {share:.0%} valid"
+        return f"{self.date:%Y-%m-%d}{valid}"
+
+    def display(self, size: int = DEFAULT_SIZE_PX) -> np.ndarray | None:
+        """The display image resampled to size x size pixels over the centred square `bounds`."""
+        image = self.image
+        if image is None or self.bounds is None:
+            return image
+        layers = image[np.newaxis] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+        target = np.full((layers.shape[0], size, size), np.nan)
+        reproject(
+            layers.astype("float64"),
+            target,
+            src_transform=self.transform,
+            src_crs=self.crs,
+            dst_transform=from_bounds(*self.bounds, size, size),
+            dst_crs=self.crs,
+            src_nodata=np.nan,
+            dst_nodata=np.nan,
+            resampling=Resampling.nearest,
+        )
+        if image.ndim == 2:
+            return target[0]
+        return np.nan_to_num(np.moveaxis(target, 0, -1), nan=NODATA_GREY)
 
     @property
     def stem(self) -> str:
@@ -81,22 +143,48 @@ def read_chips(
     end: str | pd.Timestamp | None = None,
     *,
     kind: str = "falsecolour",
-    margin: float = 0.25,
+    buffer: float = DEFAULT_BUFFER_M,
 ) -> list[Chip]:
     """Sentinel-2 chips of a parcel for the scenes between start and end (inclusive dates).
 
-    The window is the parcel's bounding box grown by `margin` of its size (at least 30 m).
-    Scenes whose footprint misses the parcel are left out; scenes that cover it but cannot be
-    read give a chip with a message.
+    Parameters
+    ----------
+    run
+        A finished run: its configuration file, RunResult or opened run.
+    pid
+        The parcel.
+    start, end
+        First and last day (YYYY-MM-DD); None for the run's first or last scene.
+    kind
+        ``falsecolour`` (B11 B08 B04) or ``ndvi``.
+    buffer
+        Metres of ground around the parcel's bounding box; the window is the square around it,
+        centred on the parcel.
+
+    Returns
+    -------
+    list[Chip]
+        One chip per scene whose footprint touches the parcel, in date order; a scene that covers
+        it but cannot be read gives a chip with a message instead of pixels. Each chip knows its
+        valid share, whether a marker used it and the marker events of its date.
+
+    Examples
+    --------
+    >>> chips = read_chips("demo/flanders.toml", 7, "2023-04-05", "2023-04-15")  # doctest: +SKIP
+    >>> [c.label for c in chips][:1]  # doctest: +SKIP
+    ['2023-04-05 · 100% valid']
     """
     if kind not in KINDS:
         raise InputError(f"chip kind {kind!r}: use one of {', '.join(KINDS)}")
+    if not (buffer >= 0 and math.isfinite(buffer)):
+        raise InputError(f"chip buffer {buffer!r}: give metres >= 0")
     done = open_run(run)
     parcel = done.parcel(pid)
     outline = gpd.GeoSeries([parcel.geometry], crs=done.parcels.crs)
     scenes = _scenes(done.catalogue, outline, start, end)
     cloudy = _cloudy(done, pid, list(scenes["obsid"]))
-    bounds, crs = _window_bounds(outline, margin)
+    bounds, crs = _window_bounds(outline, buffer)
+    used = done.used_obsids(pid)
     read = done.engine.plugins.caller(
         done.config.source.plugin, "cbm_source_read_window", done.config.source.where
     )
@@ -104,7 +192,8 @@ def read_chips(
     found = []
     for scene in scenes.itertuples(index=False):
         date = pd.Timestamp(scene.obstime).tz_convert(None)
-        chip = Chip(date, scene.obsid, kind, bands, None, None, "", cloudy.get(scene.obsid))
+        chip = Chip(date, scene.obsid, kind, bands, None, None, crs, cloudy.get(scene.obsid), bounds=bounds)
+        chip.used = scene.obsid in used
         missing = [b for b in bands if b not in scene.bands]
         if missing:
             chip.message = f"no imagery: the scene has no {', '.join(missing)}"
@@ -119,8 +208,21 @@ def read_chips(
                 )
             except CbmError as exc:
                 chip.message = f"no imagery: {exc}"
+        chip.crs = chip.crs or crs
         found.append(chip)
+    _mark_events(found, done.events(pid))
     return found
+
+
+def _mark_events(found: list[Chip], events: list[dict]) -> None:
+    """Attach each marker event to the chip of its main date (or the nearest date with a picture)."""
+    for event in events:
+        main = pd.Timestamp(event["main"]).normalize()
+        pictured = [c for c in found if c.data is not None] or found
+        if not pictured:
+            return
+        nearest = min(pictured, key=lambda c: abs(c.date.normalize() - main))
+        nearest.events = (*nearest.events, f"{event.get('kind') or event['marker']} {main:%d %b}")
 
 
 def calendar(
@@ -133,20 +235,45 @@ def calendar(
     found: Sequence[Chip] | None = None,
     max_chips: int = 24,
     columns: int = 4,
+    size: int = DEFAULT_SIZE_PX,
+    buffer: float = DEFAULT_BUFFER_M,
 ) -> Figure:
     """A grid of dated chips with the parcel outline; dates without a picture say why.
 
-    With more than `max_chips` scenes the clearest ones (by the parcel's SCL) are shown, in date
-    order, and the title says how many were left out. `found` reuses chips already read.
+    Parameters
+    ----------
+    run, pid, start, end, kind, buffer
+        As for `read_chips`.
+    found
+        Chips already read (skips reading them again).
+    max_chips
+        With more scenes, the observations a marker used and then the ones with the highest
+        valid share are shown (in date order); the title says how many were left out.
+    columns
+        Chips per row.
+    size
+        Pixels across each chip.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Chips a marker used are framed in purple, marker event dates in red and named; index chips
+        share one colour bar; the first chip carries a scale bar.
+
+    Examples
+    --------
+    >>> calendar("demo/flanders.toml", 4, max_chips=12).savefig("calendar.png")  # doctest: +SKIP
     """
     done = open_run(run)
     parcel = done.parcel(pid)
-    found = list(found) if found is not None else read_chips(done, pid, start, end, kind=kind)
-    shown = _clearest(found, max_chips)
+    found = list(found) if found is not None else read_chips(done, pid, start, end, kind=kind, buffer=buffer)
+    shown = rank_chips(found, max_chips)
     span = _span(start or (found[0].date if found else None), end or (found[-1].date if found else None))
     title = f"Parcel {pid}: Sentinel-2 {'NDVI' if kind == 'ndvi' else 'false colour (B11 B08 B04)'}, {span}"
     if len(shown) < len(found):
-        title += f"\n{len(shown)} clearest of {len(found)} scenes shown"
+        title += (
+            f"\n{len(shown)} of {len(found)} scenes: used by a marker first, then the highest valid share"
+        )
     if not shown:
         fig = Figure(figsize=(8, 2.5), layout="constrained")
         ax = fig.subplots()
@@ -164,22 +291,62 @@ def calendar(
         return fig
     columns = min(columns, len(shown))
     rows = math.ceil(len(shown) / columns)
-    fig = Figure(figsize=(2.6 * columns, 2.75 * rows + 0.6), layout="constrained")
+    fig = Figure(
+        figsize=(2.3 * columns + (0.8 if kind == "ndvi" else 0), 2.45 * rows + 0.7), layout="constrained"
+    )
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     outline = gpd.GeoSeries([parcel.geometry], crs=done.parcels.crs)
-    for ax, chip in zip(axes, shown, strict=False):
-        draw_chip(ax, chip, outline)
+    drawn = None
+    for i, (ax, chip) in enumerate(zip(axes, shown, strict=False)):
+        image = draw_chip(ax, chip, outline, size=size, scale_bar=i == 0)
+        drawn = drawn or image
     for ax in axes[len(shown) :]:
         ax.set_axis_off()
+    if kind == "ndvi" and drawn is not None:
+        fig.colorbar(drawn, ax=list(axes), shrink=0.6, label="NDVI")
     fig.suptitle(title, fontsize=11)
     return fig
 
 
-def draw_chip(ax: Axes, chip: Chip, outline: gpd.GeoSeries) -> None:
-    """One chip on an axis: image, parcel outline, date and cloud share; or its message."""
+def rank_chips(found: Sequence[Chip], limit: int) -> list[Chip]:
+    """At most `limit` chips in date order: pictures before messages, the observations a marker
+    used first, then by the parcel's valid share (unknown counts as 0), earlier dates on ties."""
+    if len(found) <= limit:
+        return list(found)
+
+    def score(i: int) -> tuple:
+        chip = found[i]
+        return (chip.data is None, not chip.used, -(chip.valid_share or 0.0), i)
+
+    keep = sorted(range(len(found)), key=score)[:limit]
+    return [found[i] for i in sorted(keep)]
+
+
+def draw_chip(
+    ax: Axes,
+    chip: Chip,
+    outline: gpd.GeoSeries,
+    *,
+    size: int = DEFAULT_SIZE_PX,
+    scale_bar: bool = True,
+    north_arrow: bool = False,
+):
+    """One chip on an axis: the centred image, parcel outline, date and valid share, scale bar,
+    north arrow, frames for used observations and event dates; or its message.
+
+    Returns the image artist (for a colour bar), None for a chip without picture.
+    """
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(chip.label, fontsize=9)
+    title = chip.label
+    if chip.events:
+        title += "\n" + ", ".join(chip.events)
+    ax.set_title(title, fontsize=8, color=EVENT_COLOUR if chip.events else "black")
+    frame = EVENT_COLOUR if chip.events else USED_COLOUR if chip.used else None
+    if frame:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(frame)
+            spine.set_linewidth(3)
     if chip.data is None:
         ax.set_facecolor("#eeeeee")
         ax.text(
@@ -192,15 +359,25 @@ def draw_chip(ax: Axes, chip: Chip, outline: gpd.GeoSeries) -> None:
             fontsize=8,
             color="#b71c1c",
         )
-        return
-    rows, cols = chip.data.shape[1:]
-    left, top = chip.transform @ (0, 0)
-    right, bottom = chip.transform @ (cols, rows)
+        return None
+    if chip.bounds is not None:
+        left, bottom, right, top = chip.bounds
+    else:
+        rows, cols = chip.data.shape[1:]
+        left, top = chip.transform @ (0, 0)
+        right, bottom = chip.transform @ (cols, rows)
     extent = (left, right, bottom, top)
     if chip.kind == "ndvi":
-        ax.imshow(chip.image, extent=extent, cmap="RdYlGn", vmin=-0.2, vmax=1.0, interpolation="nearest")
+        image = ax.imshow(
+            chip.display(size),
+            extent=extent,
+            cmap=NDVI_CMAP,
+            vmin=NDVI_RANGE[0],
+            vmax=NDVI_RANGE[1],
+            interpolation="nearest",
+        )
     else:
-        ax.imshow(chip.image, extent=extent, interpolation="nearest")
+        image = ax.imshow(chip.display(size), extent=extent, interpolation="nearest")
     edge = outline.to_crs(chip.crs).boundary
     edge.plot(
         ax=ax, color="#ffeb3b", linewidth=1.5, path_effects=[withStroke(linewidth=3, foreground="black")]
@@ -209,6 +386,67 @@ def draw_chip(ax: Axes, chip: Chip, outline: gpd.GeoSeries) -> None:
     ax.set_ylabel("")
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
+    if chip.used:
+        ax.text(
+            0.98,
+            0.98,
+            "used",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=7,
+            color="white",
+            bbox={"fc": USED_COLOUR, "ec": "none", "pad": 1.5},
+        )
+    if scale_bar:
+        _scale_bar(ax, left, right, bottom, top)
+    if north_arrow:
+        _north_arrow(ax)
+    return image
+
+
+def _scale_bar(ax: Axes, left: float, right: float, bottom: float, top: float) -> None:
+    """A black-and-white bar of a round length (metres: the chip grid is metric) at bottom left."""
+    width = right - left
+    length = nice_length(width * SCALE_BAR_SHARE)
+    x0, y0 = left + 0.05 * width, bottom + 0.06 * (top - bottom)
+    height = 0.025 * (top - bottom)
+    for i, colour in enumerate(("black", "white")):
+        ax.add_patch(Rectangle((x0 + i * length / 2, y0), length / 2, height, fc=colour, ec="black", lw=0.6))
+    label = f"{length / 1000:g} km" if length >= 1000 else f"{length:g} m"
+    ax.text(
+        x0 + length / 2,
+        y0 + 1.6 * height,
+        label,
+        ha="center",
+        va="bottom",
+        fontsize=7,
+        path_effects=[withStroke(linewidth=2, foreground="white")],
+    )
+
+
+def nice_length(limit: float) -> float:
+    """The largest 1, 2 or 5 x 10^k not above `limit` (a scale bar's length); 1 below 1."""
+    if limit < 1:
+        return 1.0
+    power = 10 ** math.floor(math.log10(limit))
+    return max(step * power for step in (1, 2, 5) if step * power <= limit)
+
+
+def _north_arrow(ax: Axes) -> None:
+    """North is up: the chip grid is the parcels' projected (or local UTM) grid."""
+    ax.annotate(
+        "N",
+        xy=(0.93, 0.93),
+        xytext=(0.93, 0.78),
+        xycoords="axes fraction",
+        ha="center",
+        va="center",
+        fontsize=8,
+        fontweight="bold",
+        arrowprops={"arrowstyle": "-|>", "color": "black", "lw": 1.2},
+        path_effects=[withStroke(linewidth=2, foreground="white")],
+    )
 
 
 def write_chips(
@@ -219,12 +457,35 @@ def write_chips(
     end: str | pd.Timestamp | None = None,
     *,
     kind: str = "falsecolour",
+    size: int = DEFAULT_SIZE_PX,
+    buffer: float = DEFAULT_BUFFER_M,
 ) -> list[Path]:
-    """Write one PNG and one full-resolution GeoTIFF per chip plus calendar.png; return the paths."""
+    """Write one PNG and one full-resolution GeoTIFF per chip plus calendar.png; return the paths.
+
+    Parameters
+    ----------
+    run, pid, start, end, kind, buffer
+        As for `read_chips`.
+    out_dir
+        Folder to write to (made when missing).
+    size
+        Pixels across each chip (the PNG shows them; the GeoTIFF keeps the native grid).
+
+    Returns
+    -------
+    list[Path]
+        The GeoTIFF and PNG of each date with a picture, then calendar.png.
+
+    Examples
+    --------
+    >>> write_chips("demo/flanders.toml", 7, "chips/", size=256, buffer=30)  # doctest: +SKIP
+    """
+    if size < 16 or size > 4096:
+        raise InputError(f"chip size {size}: give 16..4096 pixels")
     done = open_run(run)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    found = read_chips(done, pid, start, end, kind=kind)
+    found = read_chips(done, pid, start, end, kind=kind, buffer=buffer)
     outline = gpd.GeoSeries([done.parcel(pid).geometry], crs=done.parcels.crs)
     written = []
     for chip in found:
@@ -233,12 +494,15 @@ def write_chips(
         tif = out / f"{chip.stem}.tif"
         _write_geotiff(tif, chip)
         png = out / f"{chip.stem}.png"
-        fig = Figure(figsize=(4, 4.2), layout="constrained")
-        draw_chip(fig.subplots(), chip, outline)
-        fig.savefig(png, dpi=100)
+        fig = Figure(figsize=(4.6 if kind == "ndvi" else 4, 4.3), layout="constrained")
+        ax = fig.subplots()
+        image = draw_chip(ax, chip, outline, size=size, north_arrow=True)
+        if kind == "ndvi":
+            fig.colorbar(image, ax=ax, shrink=0.8, label="NDVI")
+        fig.savefig(png, dpi=max(100, size / 3.5))
         written += [tif, png]
     cal = out / "calendar.png"
-    calendar(done, pid, start, end, kind=kind, found=found).savefig(cal, dpi=100)
+    calendar(done, pid, start, end, kind=kind, found=found, size=size).savefig(cal, dpi=100)
     return [*written, cal]
 
 
@@ -288,19 +552,18 @@ def _cloudy(done, pid: int, obsids: list[str]) -> dict[str, float]:
     scl = done.engine.read_store(done.config.store, pids=[int(pid)], obsids=obsids).scl
     if scl.empty:
         return {}
-    hist = scl[list(HIST_COLUMNS)].to_numpy(float)
-    total = hist.sum(axis=1)
-    bad = hist[:, list(DEFAULT_UNUSABLE_CLASSES)].sum(axis=1)
-    share = np.where(total > 0, bad / np.maximum(total, 1), np.nan)
-    return dict(zip(scl["obsid"], share, strict=True))
+    share = unusable_share(scl, DEFAULT_UNUSABLE_CLASSES)
+    return {str(o): float(v) for o, v in zip(scl["obsid"], share, strict=True)}
 
 
-def _window_bounds(outline: gpd.GeoSeries, margin: float) -> tuple[tuple[float, float, float, float], str]:
-    """Bounds around the parcel in a metric CRS (the parcels' own, or the local UTM zone)."""
+def _window_bounds(outline: gpd.GeoSeries, buffer: float) -> tuple[tuple[float, float, float, float], str]:
+    """The square centred on the parcel's bounding box, `buffer` metres beyond its longer side, in a
+    metric CRS (the parcels' own, or the local UTM zone)."""
     metric = outline if outline.crs.is_projected else outline.to_crs(outline.estimate_utm_crs())
     x0, y0, x1, y1 = metric.total_bounds
-    grow = max(MIN_MARGIN_M, margin * max(x1 - x0, y1 - y0))
-    return (x0 - grow, y0 - grow, x1 + grow, y1 + grow), metric.crs.to_string()
+    half = max(x1 - x0, y1 - y0) / 2 + buffer
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return (cx - half, cy - half, cx + half, cy + half), metric.crs.to_string()
 
 
 def _stack(
@@ -339,14 +602,6 @@ def _stack(
     if np.isnan(data).all():
         return None, None, "", "no imagery: only nodata pixels around the parcel"
     return data, target.transform, target.crs, ""
-
-
-def _clearest(found: list[Chip], limit: int) -> list[Chip]:
-    if len(found) <= limit:
-        return found
-    score = [(c.data is None, 1.0 if c.cloudy is None or math.isnan(c.cloudy) else c.cloudy) for c in found]
-    keep = sorted(range(len(found)), key=lambda i: score[i])[:limit]
-    return [found[i] for i in sorted(keep)]
 
 
 def _write_geotiff(path: Path, chip: Chip) -> None:

@@ -54,17 +54,31 @@ def plot(config: Path, pid: int, out: Path | None, peers: bool) -> None:
 @click.option("--start", metavar="YYYY-MM-DD", help="First date (default: the first scene).")
 @click.option("--end", metavar="YYYY-MM-DD", help="Last date (default: the last scene).")
 @click.option("--kind", type=click.Choice(["falsecolour", "ndvi"]), default="falsecolour", show_default=True)
+@click.option(
+    "--size", type=click.IntRange(16, 4096), default=128, show_default=True, help="Pixels across a chip."
+)
+@click.option(
+    "--buffer",
+    type=click.FloatRange(0),
+    default=50.0,
+    show_default=True,
+    help="Metres of ground around the parcel's bounding box.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write to.")
-def chips(config: Path, pid: int, start: str | None, end: str | None, kind: str, out: Path) -> None:
+def chips(
+    config: Path, pid: int, start: str | None, end: str | None, kind: str, size: int, buffer: float, out: Path
+) -> None:
     """Sentinel-2 image chips around parcel PID of CONFIG's run, read by windows.
 
-    Writes per date a PNG with the parcel outline and a full-resolution GeoTIFF (physical
-    values), plus calendar.png: all dates in a grid. Dates without imagery say why.
+    Writes per date a PNG (parcel centred with its outline, scale bar, north arrow, colour bar
+    for NDVI) and a full-resolution GeoTIFF (physical values), plus calendar.png: the dates in a
+    grid, observations a marker used framed in purple, marker event dates in red. Dates without
+    imagery say why.
     """
     done = _open(config)
     from cbm_plugins.analyst._chips import write_chips
 
-    written = write_chips(done, pid, out, start, end, kind=kind)
+    written = write_chips(done, pid, out, start, end, kind=kind, size=size, buffer=buffer)
     dates = (len(written) - 1) // 2
     click.echo(f"{dates} chip(s) and calendar.png written to {out}")
 
