@@ -38,7 +38,7 @@ from servers import CbmServer, PostgresCluster  # noqa: E402
 
 import sources.postgis as pg  # noqa: E402
 from cbm_core.config import PluginConfig  # noqa: E402
-from cbm_plugins.serve._server import TS_COLUMNS  # noqa: E402
+from cbm_plugins.serve import TS_COLUMNS  # noqa: E402
 from cbm_plugins.serve._users import make_user, write_users  # noqa: E402
 
 PASSWORD = "bench-password"

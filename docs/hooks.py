@@ -1,7 +1,7 @@
 """MkDocs hooks: reference pages generated from the code at build time, so they cannot go stale.
 
 cli.md comes from the `cbm` click commands (with the commands plugins add), rest.md and
-openapi.json from the OpenAPI schema of the REST app in cbm_plugins/serve/_server.py. Optional pages other
+openapi.json from the OpenAPI schema of the REST app in cbm_plugins/serve/_app.py. Optional pages other
 parts of the project write (markers, deployment, ...) join the navigation when they exist.
 """
 
@@ -96,7 +96,7 @@ def _walk(command: click.Command, path: list[str]):
 
 def openapi_schema() -> dict[str, Any]:
     """The OpenAPI schema of the REST app, built on an empty server configuration."""
-    from cbm_plugins.serve._server import LIMIT_DEFAULTS, ServerConfig, create_app
+    from cbm_plugins.serve import LIMIT_DEFAULTS, ServerConfig, create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -114,7 +114,7 @@ def rest_reference(schema: dict[str, Any]) -> str:
         "",
         f"**{info.get('title', 'API')}** version {info.get('version', '?')}. {info.get('description', '')}",
         "",
-        "Generated from the OpenAPI schema of `cbm serve` (cbm_plugins/serve/_server.py) when the docs",
+        "Generated from the OpenAPI schema of `cbm serve` (cbm_plugins/serve/_routes_*.py) when the docs",
         "is built; the complete schema is [openapi.json](openapi.json).",
         "",
     ]

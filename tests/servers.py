@@ -285,7 +285,7 @@ class CbmServer:
 
     def start(self) -> CbmServer:
         self.log = Path(tempfile.mkstemp(prefix="cbm-serve-", suffix=".log")[1])
-        code = "from cbm_plugins.serve._server import main; main()"
+        code = "from cbm_plugins.serve import main; main()"
         args = [sys.executable, "-c", code, str(self.config), "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--workers", str(self.workers)]
         with open(self.log, "wb") as log:

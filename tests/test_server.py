@@ -25,7 +25,7 @@ from cbm_core.api import run
 from cbm_core.cli import CbmGroup
 from cbm_core.config import PluginConfig
 from cbm_plugins import serve
-from cbm_plugins.serve._server import create_app, load_server_config
+from cbm_plugins.serve import create_app, load_server_config
 from cbm_plugins.serve._users import Authenticator, make_user, read_users, write_users
 
 PASSWORD = "correct horse"
