@@ -15,7 +15,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from cbm_core.hookspecs import impl
+from cbm_core import impl
 from cbm_core.model import Event, MarkerResult, Status, TimeSeries
 from markers import _series as ts
 

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cbm_core import impl
 from cbm_core.config import param_path
 from cbm_core.errors import CbmError, InputError
-from cbm_core.hookspecs import impl
 from cbm_core.model import Event, MarkerResult, Status, TimeSeries
 from markers import _series as ts
 

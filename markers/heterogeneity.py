@@ -27,9 +27,9 @@ import rasterio.features
 from rasterio.windows import from_bounds
 from scipy import ndimage
 
+from cbm_core import impl
 from cbm_core.config import param_path
 from cbm_core.errors import CbmError
-from cbm_core.hookspecs import impl
 from cbm_core.model import Event, MarkerResult, Status, TimeSeries
 
 NAME = "heterogeneity"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
-from cbm_core.hookspecs import impl
+from cbm_core import impl
 from cbm_core.model import Event, MarkerResult, Status, TimeSeries
 from markers import _series as ts
 

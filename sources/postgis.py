@@ -40,9 +40,9 @@ import rasterio
 import shapely
 from psycopg2 import sql
 
+from cbm_core import impl
 from cbm_core.config import PluginConfig, plugin_config, read_toml
 from cbm_core.errors import CbmError, ConfigError, InputError
-from cbm_core.hookspecs import impl
 from cbm_core.model import (
     HIST_COLUMNS,
     SCL_CLASSES,

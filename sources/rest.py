@@ -35,9 +35,9 @@ import shapely
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from cbm_core import impl
 from cbm_core.config import PluginConfig
 from cbm_core.errors import CbmError, ConfigError, InputError
-from cbm_core.hookspecs import impl
 from cbm_core.model import (
     HIST_COLUMNS,
     SCL_CLASSES,

@@ -42,9 +42,9 @@ import shapely.geometry
 from pyproj import CRS
 from rasterio.session import AWSSession
 
+from cbm_core import impl
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
-from cbm_core.hookspecs import impl
 from cbm_core.model import BandRef, RasterWindow
 from cbm_core.plugins import load_plugins
 from sources._catalogue import card_of, catalogue_frame, scenes_from_band_rows

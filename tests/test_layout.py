@@ -198,3 +198,10 @@ def test_every_hook_has_a_caller_in_the_core():
     core_text = "\n".join(p.read_text(encoding="utf-8") for n, p in MODULES.items() if top(n) == CORE)
     for name in (n for n in dir(hookspecs) if n.startswith("cbm_")):
         assert f'"{name}"' in core_text or f"hook.{name}(" in core_text, f"no core caller of {name}"
+
+
+def test_impl_is_imported_one_way():
+    """Plugins mark hook implementations with `from cbm_core import impl`, never through hookspecs."""
+    for name, path in MODULES.items():
+        if name != CORE:
+            assert "from cbm_core.hookspecs import impl" not in path.read_text(encoding="utf-8"), name
