@@ -3,6 +3,7 @@
 Generates a realistic workload once (a Sentinel-2-like uint16 tiled DEFLATE GeoTIFF per date on
 one grid, parcels of 0.1-20 ha), then runs every contender in its own subprocess (so each peak
 memory, ru_maxrss, is its own), checks that the results agree and prints one JSON document.
+The contenders are installed by the `bench` extra: `pip install -e '.[bench]'`.
 
     .venv/bin/python bench/extract.py                 # 5490 x 5490, 50k parcels, 3 dates
     .venv/bin/python bench/extract.py --quick         # smoke run in a few seconds
