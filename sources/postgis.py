@@ -16,10 +16,13 @@ pool_size, lease_seconds (after which an unfinished claim may be taken over).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
+import logging
 import os
+import random
 import re
 import struct
 import threading
@@ -34,11 +37,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import psycopg2
-import psycopg2.extensions
+import psycopg
 import rasterio
 import shapely
-from psycopg2 import sql
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cbm_core import impl
 from cbm_core.config import PluginConfig, plugin_config, read_toml
@@ -64,6 +68,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 FETCH_ROWS = 50_000  # rows per round trip of a server-side cursor: bounded memory on any table size
 SMALL_QUERY_PIDS = 1_000  # up to this many pids a plain cursor is faster than a server-side one
+log = logging.getLogger(__name__)
 SENSOR_CODE = re.compile(r"([12])\s*-?\s*([A-D])\b", re.IGNORECASE)
 
 
@@ -136,94 +141,132 @@ def dsn_of(config: PluginConfig) -> str:
 def _safe_dsn(dsn: str) -> str:
     """The connection target without its password, for error messages."""
     try:
-        params = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
         return "(unparsable dsn)"
     return " ".join(f"{k}={v}" for k, v in params.items() if k != "password")
 
 
 # Connections -----------------------------------------------------------------------------------
 
+# Pool defaults: a handful of connections per process (each dask worker and each server worker has
+# its own pool, so the database sees workers x pool_size), recycled after an hour and closed after
+# ten idle minutes so that failovers, pgbouncer and firewall timeouts never leave stale sockets.
+POOL_SIZE = 8
+POOL_MIN_SIZE = 1
+POOL_MAX_LIFETIME_S = 3600.0
+POOL_MAX_IDLE_S = 600.0
+RECONNECT_SECONDS = 60.0  # how long a transaction is retried across a restart or failover
+FIRST_RETRY_S = 0.1
+LONGEST_RETRY_S = 2.0
+PROBE_TIMEOUT_S = 5  # connect_timeout of the one direct attempt that explains a pool timeout
 
-class _Pool:
-    """A thread-safe pool of up to `size` connections, opened on demand and kept open for reuse.
-
-    Callers beyond `size` wait for a free connection instead of failing; a connection found broken
-    (server restarted) is dropped, and the next caller opens a new one.
-    """
-
-    def __init__(self, dsn: str, size: int) -> None:
-        self.dsn = dsn
-        self.idle: list[psycopg2.extensions.connection] = []
-        self.lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(size)
-
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[psycopg2.extensions.connection]:
-        self.slots.acquire()
-        conn = None
-        try:
-            with self.lock:
-                conn = self.idle.pop() if self.idle else None
-            if conn is None or conn.closed:
-                conn = psycopg2.connect(self.dsn, application_name="cbm")
-            yield conn
-        finally:
-            if conn is not None and conn.closed == 0:
-                if conn.status != psycopg2.extensions.STATUS_READY:
-                    with contextlib.suppress(psycopg2.Error):
-                        conn.rollback()
-                if conn.closed == 0:
-                    with self.lock:
-                        self.idle.append(conn)
-            self.slots.release()
-
-
-_POOLS: dict[tuple[int, str], _Pool] = {}
+_POOLS: dict[tuple[int, str], ConnectionPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _pool(config: PluginConfig) -> _Pool:
+def _pool(config: PluginConfig) -> ConnectionPool:
+    """This process's pool for the configured database (psycopg_pool: connections are checked
+    before use, recycled after pool_max_lifetime seconds and closed after pool_max_idle idle)."""
     dsn = dsn_of(config)
     key = (os.getpid(), dsn)  # a forked worker must not share its parent's sockets
     with _POOLS_LOCK:
-        if key not in _POOLS:
-            _POOLS[key] = _Pool(dsn, int(config.get("pool_size", 8)))
-        return _POOLS[key]
+        pool = _POOLS.get(key)
+        if pool is None:
+            size = int(config.get("pool_size", POOL_SIZE))
+            prepare = config.get("prepare_threshold", 5)  # none (pgbouncer in transaction mode): never
+            pool = ConnectionPool(
+                dsn,
+                kwargs={
+                    "application_name": "cbm",
+                    "prepare_threshold": None if prepare in (None, "none") else int(prepare),
+                },
+                min_size=min(int(config.get("pool_min_size", POOL_MIN_SIZE)), size),
+                max_size=size,
+                max_lifetime=float(config.get("pool_max_lifetime", POOL_MAX_LIFETIME_S)),
+                max_idle=float(config.get("pool_max_idle", POOL_MAX_IDLE_S)),
+                reconnect_timeout=float(config.get("reconnect_seconds", RECONNECT_SECONDS)),
+                check=ConnectionPool.check_connection,  # a socket the server dropped is replaced, unseen
+                name=f"cbm-{_safe_dsn(dsn)}",
+                open=True,
+            )
+            _POOLS[key] = pool
+            log.debug(
+                "PostGIS pool %s: psycopg %s (%s implementation, libpq %s), %d connections at most",
+                pool.name, psycopg.__version__, psycopg.pq.__impl__, psycopg.pq.version(), size,
+            )  # fmt: skip
+        return pool
+
+
+def pool_stats(config: PluginConfig) -> dict[str, int]:
+    """Counters of this process's pool for the configured database (psycopg_pool's get_stats:
+    pool_size, pool_available, requests_num, requests_waiting, connections_lost, ...)."""
+    return dict(_pool(config).get_stats())
+
+
+@atexit.register
+def _close_pools() -> None:
+    """Close this process's pools at exit, so their threads do not outlive the interpreter."""
+    with _POOLS_LOCK:
+        pools = [pool for (pid, _), pool in _POOLS.items() if pid == os.getpid()]
+        _POOLS.clear()
+    for pool in pools:
+        with contextlib.suppress(Exception):
+            pool.close(timeout=1)
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry number `attempt` (0-based): exponential up to LONGEST_RETRY_S,
+    with "equal jitter" (half fixed, half random) so that the workers a failover disconnected at
+    the same moment do not all come back at the same moment."""
+    ceiling = min(FIRST_RETRY_S * 2**attempt, LONGEST_RETRY_S)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def transaction(
-    config: PluginConfig, work: Callable[[psycopg2.extensions.cursor], T], single_statement: bool = False
+    config: PluginConfig, work: Callable[[psycopg.Cursor], T], single_statement: bool = False
 ) -> T:
     """Run work in one transaction; on a lost connection, reconnect and run it again from the start,
-    with backoff, for up to `reconnect_seconds` (default 60: a database restart or failover).
+    with jittered backoff, for up to `reconnect_seconds` (default 60: a database restart or failover).
 
     Work must therefore be idempotent within its transaction (all writes here replace by key).
     Work that runs a single statement can say so: it then runs in autocommit mode, one round trip
     to the server instead of three (BEGIN, the statement, COMMIT), with the same atomicity.
     """
-    deadline = time.monotonic() + float(config.get("reconnect_seconds", 60))
-    delay = 0.1
+    deadline = time.monotonic() + float(config.get("reconnect_seconds", RECONNECT_SECONDS))
+    attempt = 0
     while True:
         try:
-            with _pool(config).connection() as conn:
+            pool = _pool(config)
+            with pool.connection(timeout=max(deadline - time.monotonic(), 0.1)) as conn:
                 if conn.autocommit != single_statement:
                     conn.autocommit = single_statement
-                try:
-                    with conn.cursor() as cur:
-                        result = work(cur)
-                    conn.commit()
-                    return result
-                except BaseException:
-                    if conn.closed == 0:
-                        with contextlib.suppress(psycopg2.Error):
-                            conn.rollback()
-                    raise
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                with conn.cursor() as cur:
+                    result = work(cur)
+                conn.commit()  # an error rolls back: the pool resets a connection it gets back
+                return result
+        except PoolTimeout:
+            raise CbmError(f"PostGIS at {_safe_dsn(dsn_of(config))}: {_why_no_connection(config)}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            delay = retry_delay(attempt)
             if time.monotonic() + delay > deadline:
                 raise CbmError(f"PostGIS at {_safe_dsn(dsn_of(config))}: {str(exc).strip()}") from None
+            log.warning("PostGIS connection lost (%s); retrying in %.2f s", str(exc).strip(), delay)
             time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            attempt += 1
+
+
+def _why_no_connection(config: PluginConfig) -> str:
+    """Why the pool gave no connection in time: the server's own answer to one direct attempt
+    (the pool only knows that it timed out), or a pool whose every connection stayed busy."""
+    dsn = dsn_of(config)
+    try:
+        with psycopg.connect(dsn, connect_timeout=PROBE_TIMEOUT_S, application_name="cbm"):
+            pass
+    except psycopg.Error as exc:
+        return str(exc).strip()
+    size = int(config.get("pool_size", POOL_SIZE))
+    return f"all {size} connections of the pool stayed busy for reconnect_seconds (raise pool_size?)"
 
 
 # Migrations ------------------------------------------------------------------------------------
@@ -240,7 +283,7 @@ def init_database(config: PluginConfig) -> list[str]:
     """Create or upgrade the catalogue and this dataset's signature tables; return what was applied."""
     names = tables(config)
 
-    def work(cur: psycopg2.extensions.cursor) -> list[str]:
+    def work(cur: psycopg.Cursor) -> list[str]:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('cbm_migrations'))")  # one migrator at a time
         cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(names.schema)))
         cur.execute(
@@ -349,21 +392,19 @@ def import_parcels(config: PluginConfig, parcels: gpd.GeoDataFrame, replace: boo
     )
     payload = _copy_text(frame)
 
-    def work(cur: psycopg2.extensions.cursor) -> int:
+    def work(cur: psycopg.Cursor) -> int:
         cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(names.schema)))
         if replace:
             cur.execute(sql.SQL("DROP TABLE IF EXISTS {t}").format(**ids))
         cur.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {t} ({id} bigint PRIMARY KEY, {code} text, {name} text,"
-                " {geom} geometry(Geometry, %s) NOT NULL)"
-            ).format(**ids),
-            (srid,),
+                " {geom} geometry(Geometry, {srid}) NOT NULL)"
+            ).format(**ids, srid=sql.Literal(int(srid))),
         )
         cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {index} ON {t} USING gist ({geom})").format(**ids))
         cur.execute(sql.SQL("DELETE FROM {t} WHERE {id} = ANY(%s)").format(**ids), (frame["pid"].tolist(),))
-        payload.seek(0)
-        cur.copy_expert(sql.SQL("COPY {t} ({id}, {code}, {name}, {geom}) FROM STDIN").format(**ids), payload)
+        _copy(cur, sql.SQL("COPY {t} ({id}, {code}, {name}, {geom}) FROM STDIN").format(**ids), payload)
         return len(frame)
 
     return transaction(config, work)
@@ -424,7 +465,7 @@ def import_catalogue(config: PluginConfig, catalogue: gpd.GeoDataFrame) -> int:
         obstime = obstime.tz_convert("UTC").tz_localize(None) if obstime.tzinfo else obstime
         rows.append((scene, obstime.to_pydatetime(), None if polygon is None else polygon.wkb))
 
-    def work(cur: psycopg2.extensions.cursor) -> int:
+    def work(cur: psycopg.Cursor) -> int:
         for scene, obstime, wkb in rows:
             sensor_match = SENSOR_CODE.search(str(scene.get("sensor") or ""))
             cur.execute(
@@ -443,7 +484,7 @@ def import_catalogue(config: PluginConfig, catalogue: gpd.GeoDataFrame) -> int:
                     scene.get("sensor"),
                     scene["card"],
                     scene.get("orbit"),
-                    None if wkb is None else psycopg2.Binary(wkb),
+                    wkb,
                 ),
             )
             scene_id = cur.fetchone()[0]
@@ -492,7 +533,7 @@ def cbm_store_write(config: PluginConfig, signatures: Signatures, obsids: Sequen
     if not scenes:
         return 0
 
-    def work(cur: psycopg2.extensions.cursor) -> int:
+    def work(cur: psycopg.Cursor) -> int:
         ids = _catalogue_ids(cur, names, scenes)
         _delete_scenes(cur, names, [ids[o] for o in scenes])
         return _copy_scenes(cur, names, _payload(signatures, ids, scenes), ids)
@@ -510,8 +551,10 @@ def bulk_load(config: PluginConfig, obsids: Sequence[str], read: Callable[[str],
     names = tables(config)
     scenes = sorted({str(o) for o in obsids})
 
-    def work(cur: psycopg2.extensions.cursor) -> int:
-        cur.execute("SET LOCAL maintenance_work_mem = %s", (str(config.get("bulk_memory", "512MB")),))
+    def work(cur: psycopg.Cursor) -> int:
+        cur.execute(  # SET takes no parameters; set_config does
+            "SELECT set_config('maintenance_work_mem', %s, true)", (str(config.get("bulk_memory", "512MB")),)
+        )
         ids = _catalogue_ids(cur, names, scenes)
         _delete_scenes(cur, names, list(ids.values()))  # while the obsid indexes still exist
         rebuild = []
@@ -536,7 +579,7 @@ def bulk_load(config: PluginConfig, obsids: Sequence[str], read: Callable[[str],
                 cur.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(names.schema, name)))
                 rebuild.append(sql.SQL(definition))  # as PostgreSQL printed it
         # One scene ahead: a thread reads and encodes the next scene while the server ingests
-        # this one (psycopg2 releases the GIL while it sends).
+        # this one (psycopg releases the GIL while it sends).
         with ThreadPoolExecutor(1, thread_name_prefix="cbm-bulk") as ahead:
 
             def prepare(obsid: str) -> _Payload:
@@ -557,7 +600,7 @@ def bulk_load(config: PluginConfig, obsids: Sequence[str], read: Callable[[str],
     return transaction(config, work)
 
 
-def _primary_keys(cur: psycopg2.extensions.cursor, schema: str, table: str) -> list[tuple[str, str, str]]:
+def _primary_keys(cur: psycopg.Cursor, schema: str, table: str) -> list[tuple[str, str, str]]:
     """A table's primary key (none or one): constraint name, definition, index name."""
     cur.execute(
         "SELECT c.conname, pg_get_constraintdef(c.oid), i.relname FROM pg_constraint c"
@@ -579,8 +622,10 @@ def cluster_signatures(config: PluginConfig) -> list[str]:
     """
     names = tables(config)
 
-    def work(cur: psycopg2.extensions.cursor) -> list[str]:
-        cur.execute("SET LOCAL maintenance_work_mem = %s", (str(config.get("bulk_memory", "512MB")),))
+    def work(cur: psycopg.Cursor) -> list[str]:
+        cur.execute(  # SET takes no parameters; set_config does
+            "SELECT set_config('maintenance_work_mem', %s, true)", (str(config.get("bulk_memory", "512MB")),)
+        )
         done = []
         for table in (names.signatures, names.hists):
             keys = _primary_keys(cur, names.schema, table)
@@ -601,7 +646,7 @@ def _scenes_of(signatures: Signatures, obsids: Sequence[str]) -> list[str]:
     return sorted({str(o) for o in obsids} | set(stats["obsid"].astype(str)) | set(scl["obsid"].astype(str)))
 
 
-def _delete_scenes(cur: psycopg2.extensions.cursor, names: Tables, scene_ids: list[int]) -> None:
+def _delete_scenes(cur: psycopg.Cursor, names: Tables, scene_ids: list[int]) -> None:
     for table in (names.signatures, names.hists):
         cur.execute(sql.SQL("DELETE FROM {} WHERE obsid = ANY(%s)").format(names.ident(table)), (scene_ids,))
 
@@ -627,17 +672,15 @@ def _payload(signatures: Signatures, ids: dict[str, int], scenes: list[str]) -> 
     )
 
 
-def _copy_scenes(
-    cur: psycopg2.extensions.cursor, names: Tables, payload: _Payload, ids: dict[str, int]
-) -> int:
+def _copy_scenes(cur: psycopg.Cursor, names: Tables, payload: _Payload, ids: dict[str, int]) -> int:
     """COPY the rows of whole scenes (whose old rows are deleted) and mark the scenes extracted."""
     if payload.stats is not None:
-        cur.copy_expert(
+        _copy(
+            cur,
             sql.SQL(
                 "COPY {} (pid, obsid, band, count, mean, std, min, max, p25, p50, p75) FROM STDIN BINARY"
             ).format(names.ident(names.signatures)),
             payload.stats,
-            size=_COPY_CHUNK,
         )
     if payload.hists is not None:
         _copy_hists(cur, names, payload.hists)
@@ -686,7 +729,7 @@ def cbm_store_read(
             _scl_frame(_stream(config, hist_query, params) if scl else []),
         )
 
-    def work(cur: psycopg2.extensions.cursor) -> tuple[list[tuple], list[tuple]]:  # one round of the pool
+    def work(cur: psycopg.Cursor) -> tuple[list[tuple], list[tuple]]:  # one round of the pool
         cur.execute(stats_query, params)
         stats = cur.fetchall()
         if not scl:
@@ -716,7 +759,7 @@ def cbm_store_claim(config: PluginConfig, obsids: Sequence[str], worker: str) ->
     if not refs:
         return None
 
-    def work(cur: psycopg2.extensions.cursor) -> str | None:
+    def work(cur: psycopg.Cursor) -> str | None:
         ids = _catalogue_ids(cur, names, refs)
         ident = {"jobs": names.ident("cbm_scene_jobs"), "cat": names.ident(names.catalogue)}
         cur.execute(
@@ -756,7 +799,7 @@ def cbm_store_release(config: PluginConfig, obsids: Sequence[str], worker: str, 
     ).format(jobs=names.ident("cbm_scene_jobs"), cat=names.ident(names.catalogue))
     params = {"reason": reason, "dataset": names.dataset, "refs": [str(o) for o in obsids], "worker": worker}
 
-    def work(cur: psycopg2.extensions.cursor) -> int:
+    def work(cur: psycopg.Cursor) -> int:
         cur.execute(query, params)
         return cur.rowcount
 
@@ -776,7 +819,7 @@ def cbm_source_signatures(config: PluginConfig, pids: Sequence[int] | None) -> T
 # Scene claiming helpers --------------------------------------------------------------------------
 
 
-def _catalogue_ids(cur: psycopg2.extensions.cursor, names: Tables, refs: Sequence[str]) -> dict[str, int]:
+def _catalogue_ids(cur: psycopg.Cursor, names: Tables, refs: Sequence[str]) -> dict[str, int]:
     """Catalogue ids of scene references; scenes unknown to the catalogue get a bare row."""
     cat = names.ident(names.catalogue)
     cur.execute(
@@ -828,7 +871,7 @@ def _binary_hists(scl: pd.DataFrame, ids: dict[str, int]) -> io.BytesIO:
     )
 
 
-def _copy_hists(cur: psycopg2.extensions.cursor, names: Tables, payload: io.BytesIO) -> None:
+def _copy_hists(cur: psycopg.Cursor, names: Tables, payload: io.BytesIO) -> None:
     """SCL histograms as JSON objects of the non-zero classes ({"4": 187}, as the reference has them).
 
     The counts travel as binary COPY into a temporary table and PostgreSQL writes the JSON text
@@ -842,11 +885,7 @@ def _copy_hists(cur: psycopg2.extensions.cursor, names: Tables, payload: io.Byte
         )
     )
     columns = sql.SQL(", ").join(sql.Identifier(f"h{c}") for c in range(SCL_CLASSES))
-    cur.copy_expert(
-        sql.SQL("COPY cbm_hist_load (pid, obsid, {}) FROM STDIN BINARY").format(columns),
-        payload,
-        size=_COPY_CHUNK,
-    )
+    _copy(cur, sql.SQL("COPY cbm_hist_load (pid, obsid, {}) FROM STDIN BINARY").format(columns), payload)
     pairs = sql.SQL(", ").join(
         sql.SQL("CASE WHEN {h} <> 0 THEN {key} || {h} END").format(
             h=sql.Identifier(f"h{c}"), key=sql.Literal(f'"{c}": ')
@@ -862,7 +901,17 @@ def _copy_hists(cur: psycopg2.extensions.cursor, names: Tables, payload: io.Byte
     cur.execute("TRUNCATE cbm_hist_load")
 
 
-_COPY_CHUNK = 1 << 20  # bytes per read of a COPY payload (psycopg2's default, 8 KiB, costs calls)
+def _copy(cur: psycopg.Cursor, statement: sql.Composable, payload: io.BytesIO | io.StringIO) -> None:
+    """Send a whole COPY payload built beforehand, as it is: binary payloads carry their own
+    header and trailer. The payload is not consumed, so a retried transaction sends it again."""
+    with cur.copy(statement) as copy:
+        if isinstance(payload, io.BytesIO):
+            with payload.getbuffer() as view:  # no copy; psycopg sends it in libpq-sized pieces
+                copy.write(view)
+        else:
+            copy.write(payload.getvalue())
+
+
 _FLOATS = [s for s in STATS if s != "count"]
 
 
@@ -906,7 +955,7 @@ def _copy_binary_signatures(stats: pd.DataFrame, ids: dict[str, int]) -> io.Byte
 
 
 def _fetch(config: PluginConfig, query: sql.Composable, params: Any) -> list[tuple]:
-    def work(cur: psycopg2.extensions.cursor) -> list[tuple]:
+    def work(cur: psycopg.Cursor) -> list[tuple]:
         cur.execute(query, params)
         return cur.fetchall()
 
@@ -919,7 +968,7 @@ def _stream(config: PluginConfig, query: sql.Composable, params: Any) -> Iterato
     Collected per attempt: a connection lost half-way restarts the read, never yields twice.
     """
 
-    def work(cur: psycopg2.extensions.cursor) -> list[list[tuple]]:
+    def work(cur: psycopg.Cursor) -> list[list[tuple]]:
         chunks = []
         with cur.connection.cursor(name=f"cbm_{threading.get_ident()}_{time.monotonic_ns()}") as named:
             named.itersize = FETCH_ROWS

@@ -92,17 +92,14 @@ class PostgresCluster:
             capture_output=True,
         )
         self._pg_ctl("start")
-        import psycopg2
+        import psycopg
 
         for dsn, statement in (
             (self.dsn.replace(f"dbname={self.dbname}", "dbname=postgres"), f"CREATE DATABASE {self.dbname}"),
             (self.dsn, "CREATE EXTENSION IF NOT EXISTS postgis"),
         ):
-            conn = psycopg2.connect(dsn)
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(statement)
-            conn.close()
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(statement)
         return self
 
     def _pg_ctl(self, action: str, *extra: str) -> None:

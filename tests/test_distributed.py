@@ -424,12 +424,11 @@ def test_postgis_failing_scene_is_released_for_the_next_run(client, reference, p
 
 def jobs(config) -> list[tuple[str, str | None]]:
     """(status, reason) of every scene job of a PostGIS store."""
-    import psycopg2
+    import psycopg
 
-    with psycopg2.connect(config.store.get("dsn")) as conn, conn.cursor() as cur:
+    with psycopg.connect(config.store.get("dsn")) as conn, conn.cursor() as cur:
         cur.execute(f'SELECT status, reason FROM "{config.store.get("schema")}".cbm_scene_jobs')
         rows = cur.fetchall()
-    conn.close()
     return rows
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psycopg2
+import psycopg
 import pytest
 from click.testing import CliRunner
 from conftest import DEMO
@@ -55,7 +56,7 @@ def test_migrations_are_shipped_idempotent_and_keyed(postgres):
     assert [name for name, _ in pg.migrations()] == shipped
     assert pg.init_database(cfg) == shipped
     assert pg.init_database(cfg) == []
-    with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(postgres.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT array_agg(a.attname ORDER BY k.n) FROM pg_index i"
             " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, n)"
@@ -66,7 +67,6 @@ def test_migrations_are_shipped_idempotent_and_keyed(postgres):
         assert cur.fetchone()[0] == ["pid", "obsid", "band"]
         cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'dias_catalogue'")
         columns = {r[0] for r in cur.fetchall()}
-    conn.close()
     assert {"id", "obstime", "reference", "sensor", "card", "status", "footprint"} <= columns
 
 
@@ -189,14 +189,13 @@ def test_released_claims_are_claimable_at_once_and_only_the_holders_are_touched(
     assert pg.cbm_store_release(cfg, [mine, theirs, stored], "run-a", "band file is corrupt") == 1
 
     def job(obsid: str) -> tuple[str, str, str | None]:
-        with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+        with psycopg.connect(postgres.dsn) as conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT j.status, j.worker, j.reason FROM cbm_scene_jobs j"
                 " JOIN dias_catalogue c ON c.id = j.catalogue_id WHERE j.dataset = %s AND c.reference = %s",
                 (f"public.{cfg.get('signatures_table')}", obsid),
             )
             row = cur.fetchone()
-        conn.close()
         return row
 
     assert job(mine) == ("failed", "run-a", "band file is corrupt")
@@ -242,10 +241,9 @@ def test_identifiers_from_configuration_cannot_inject_sql(postgres):
     pg.init_database(cfg)
     pg.cbm_store_write(cfg, fake_signatures(["S2A_X_20230101"], range(1, 3)), ["S2A_X_20230101"])
     assert len(pg.cbm_store_read(cfg, [1], None, None).stats) == 2
-    with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(postgres.dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT relname FROM pg_class WHERE relname IN ('dias_catalogue', %s)", (hostile,))
         assert sorted(r[0] for r in cur.fetchall()) == sorted(["dias_catalogue", hostile])
-    conn.close()
 
 
 def test_unreachable_database_is_a_clear_error():
@@ -254,6 +252,50 @@ def test_unreachable_database_is_a_clear_error():
     with pytest.raises(pg.CbmError) as info:
         pg.cbm_store_obsids(cfg)
     assert "127.0.0.1" in str(info.value) and "hunter2" not in str(info.value)
+    assert "refused" in str(info.value)  # the server's own answer, not just "the pool timed out"
+
+
+def own_pool(postgres, **options) -> PluginConfig:
+    """A configuration with a pool of its own (pools are per process and connection string)."""
+    dsn = f"{postgres.dsn} application_name=cbm-{uuid.uuid4().hex[:8]}"
+    return PluginConfig("postgis", {**config(postgres).options, "dsn": dsn, **options}, Path("."), "[store]")
+
+
+def backend_pid(cfg: PluginConfig) -> int:
+    return pg._fetch(cfg, pg.sql.SQL("SELECT pg_backend_pid()"), None)[0][0]
+
+
+def test_a_connection_the_server_dropped_is_replaced_before_use(postgres, monkeypatch):
+    """An idle pooled connection killed by the server (restart, idle timeout of a firewall or
+    pgbouncer) is found by the pool's check and replaced: the next transaction neither fails nor
+    waits for a retry."""
+    cfg = own_pool(postgres, pool_size=1)
+    first = backend_pid(cfg)
+    with psycopg.connect(postgres.dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+    sleeps: list[float] = []
+    monkeypatch.setattr(pg.time, "sleep", sleeps.append)
+    assert backend_pid(cfg) != first
+    assert sleeps == []  # no retry was needed
+    stats = pg.pool_stats(cfg)
+    assert stats["pool_max"] == 1 and stats["requests_num"] >= 2
+
+
+def test_pooled_connections_are_recycled_after_their_lifetime(postgres):
+    cfg = own_pool(postgres, pool_size=1, pool_min_size=1, pool_max_lifetime=1)
+    first = backend_pid(cfg)
+    time.sleep(1.2)
+    backend_pid(cfg)  # the expired connection is closed when it comes back to the pool
+    assert backend_pid(cfg) != first
+
+
+def test_retries_back_off_with_jitter():
+    """Workers a failover disconnected together must not all reconnect at the same instant."""
+    for attempt in range(8):
+        ceiling = min(pg.FIRST_RETRY_S * 2**attempt, pg.LONGEST_RETRY_S)
+        delays = [pg.retry_delay(attempt) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 40
 
 
 def test_bulk_load_from_a_parquet_store_rebuilds_the_keys(postgres, tmp_path):
@@ -281,12 +323,11 @@ def test_bulk_load_from_a_parquet_store_rebuilds_the_keys(postgres, tmp_path):
         sorted_frame(back.stats, ["pid", "obsid", "band"]),
         sorted_frame(written.stats, ["pid", "obsid", "band"]).astype(back.stats.dtypes.to_dict()),
     )
-    with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(postgres.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT indexdef FROM pg_indexes WHERE tablename = %s ORDER BY 1", (cfg.get("signatures_table"),)
         )
         definitions = [r[0] for r in cur.fetchall()]
-    conn.close()
     assert len(definitions) == 2 and any("(pid, obsid, band)" in d for d in definitions)
 
 
@@ -302,10 +343,9 @@ def test_cluster_puts_each_parcels_rows_together_and_keeps_them(postgres, tmp_pa
     before = pg.cbm_store_read(cfg, [17], None, None)
 
     def physical_pids(table: str) -> list[int]:
-        with psycopg2.connect(postgres.dsn) as conn, conn.cursor() as cur:
+        with psycopg.connect(postgres.dsn) as conn, conn.cursor() as cur:
             cur.execute(pg.sql.SQL("SELECT pid FROM {} ORDER BY ctid").format(pg.sql.Identifier(table)))
             pids = [r[0] for r in cur.fetchall()]
-        conn.close()
         return pids
 
     assert physical_pids(cfg.get("signatures_table")) != sorted(physical_pids(cfg.get("signatures_table")))
