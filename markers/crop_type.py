@@ -19,6 +19,7 @@ match what this code computes is refused with the reason instead of silently pre
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import tempfile
@@ -40,7 +41,24 @@ from cbm_core.model import Event, MarkerResult, Status, TimeSeries
 from markers import _series as ts
 
 NAME = "crop_type"
-MODEL_FORMAT = 2
+# Format 3: the scikit-learn model in skops format (format 2 was a joblib pickle, which runs any
+# code it holds when opened, so it is refused rather than read).
+MODEL_FORMAT = 3
+CNN_EXTRA = "pip install 'cbm-engine[cnn]'"  # TensorFlow: ~1 GB, so not part of the ml extra
+# Types a model file may hold beyond skops' own safe defaults (builtins, numpy arrays and dtypes,
+# scikit-learn estimators): what `cbm train` writes, nothing else. skops refuses to build any other.
+TRUSTED_SKLEARN_TYPES = ("sklearn.tree._tree.Tree", "sklearn.utils._bunch.Bunch")
+# The Keras objects the CNN is made of, as (module, class) in the .keras file's config.json;
+# anything else (a Lambda layer, custom code, another module) is refused before Keras reads it.
+TRUSTED_KERAS_TYPES = frozenset(
+    {("keras", "Sequential"), ("keras", "DTypePolicy"), ("keras.optimizers", "Adam")}
+    | {("keras.initializers", name) for name in ("GlorotUniform", "Zeros")}
+    | {
+        ("keras.layers", name)
+        for name in ("InputLayer", "Conv1D", "MaxPooling1D", "Flatten", "Dropout", "Dense")
+    }
+)
+KERAS_FILES = frozenset({"metadata.json", "config.json", "model.weights.h5"})
 FEATURE_SPEC_VERSION = 2
 # Normalised differences of composited S2 bands (a - b) / (a + b): water and red-edge chlorophyll
 # separate cereals, oilseeds and legumes better than NDVI alone.
@@ -257,9 +275,9 @@ class CropModel:
             folder = Path(tmp) / "model"
             folder.mkdir()
             if self.kind == "sklearn":
-                import joblib
+                import skops.io
 
-                joblib.dump(self.model, folder / "model.joblib")
+                skops.io.dump(self.model, folder / "model.skops", compression=zipfile.ZIP_DEFLATED)
             else:
                 self.model.save(folder / "model.keras")
             meta = {
@@ -321,6 +339,11 @@ def load_model(path: Path, expected_spec: Mapping[str, Any] | None = None) -> Cr
         if not spec_file.is_file():
             raise ModelSpecError(f"{path}: no spec.json (not a cbm crop-type model)")
         meta = json.loads(spec_file.read_text())
+        if meta.get("format") == 2:
+            raise ModelSpecError(
+                f"{path}: model format 2 holds a pickle (model.joblib) that could run any code when "
+                f"opened; retrain it with `cbm train` (format {MODEL_FORMAT})"
+            )
         if meta.get("format") != MODEL_FORMAT:
             raise ModelSpecError(
                 f"{path}: model format {meta.get('format')}, this cbm reads format {MODEL_FORMAT}"
@@ -357,18 +380,14 @@ def load_model(path: Path, expected_spec: Mapping[str, Any] | None = None) -> Cr
         if meta.get("n_features") != shell.n_features() or len(shell.mean) != n_channels:
             raise ModelSpecError(f"{path}: spec.json is inconsistent with its feature spec")
         if kind == "sklearn":
-            import joblib
-
-            model = joblib.load(folder / "model.joblib")
+            model = _load_sklearn(path, folder / "model.skops")
             if getattr(model, "n_features_in_", meta["n_features"]) != meta["n_features"]:
                 raise ModelSpecError(
                     f"{path}: the model expects {model.n_features_in_} features, spec says "
                     f"{meta['n_features']}"
                 )
         elif kind == "keras":
-            import keras
-
-            model = keras.saving.load_model(folder / "model.keras", compile=False)
+            model = _load_keras(path, folder / "model.keras")
             shape = tuple(model.input_shape[1:])
             if shape != (int(spec["bins"]), n_channels):
                 raise ModelSpecError(
@@ -378,6 +397,62 @@ def load_model(path: Path, expected_spec: Mapping[str, Any] | None = None) -> Cr
             raise ModelSpecError(f"{path}: unknown model kind {kind!r}")
     shell.model = model
     return shell
+
+
+def _load_sklearn(path: Path, file: Path) -> Any:
+    """The scikit-learn model of a model file, refusing types beyond TRUSTED_SKLEARN_TYPES."""
+    import skops.io
+
+    if not file.is_file():
+        raise ModelSpecError(f"{path}: no model.skops in the model file")
+    try:
+        untrusted = skops.io.get_untrusted_types(file=file)
+    except Exception as exc:  # not a skops file: a zip error, a bad schema...
+        raise ModelSpecError(f"{path}: model.skops is not a readable skops file ({exc})") from None
+    foreign = sorted(set(untrusted) - set(TRUSTED_SKLEARN_TYPES))
+    if foreign:
+        raise ModelSpecError(
+            f"{path}: refused: model.skops holds type(s) a crop-type model never has: {', '.join(foreign)}"
+        )
+    return skops.io.load(file, trusted=list(TRUSTED_SKLEARN_TYPES))
+
+
+def _keras() -> Any:
+    """The keras module, or a one-line error saying which extra installs it."""
+    try:
+        return importlib.import_module("keras")
+    except ImportError as exc:
+        raise CbmError(f"the keras CNN crop-type model needs TensorFlow: {CNN_EXTRA} ({exc})") from None
+
+
+def _load_keras(path: Path, file: Path) -> Any:
+    """The CNN of a model file, read in Keras' safe mode after checking that its config names
+    only TRUSTED_KERAS_TYPES (no Lambda layers, no custom or foreign classes)."""
+    if not zipfile.is_zipfile(file):
+        raise ModelSpecError(f"{path}: no model.keras (a Keras v3 zip) in the model file")
+    with zipfile.ZipFile(file) as archive:
+        extra = sorted(set(archive.namelist()) - KERAS_FILES)
+        if extra:
+            raise ModelSpecError(f"{path}: refused: model.keras holds unexpected file(s) {', '.join(extra)}")
+        config = json.loads(archive.read("config.json"))
+    found: set[tuple[str, str]] = set()
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "class_name" in item:
+                found.add((str(item.get("module")), str(item["class_name"])))
+                if item.get("registered_name") is not None:  # a custom object registered by name
+                    found.add(("registered", str(item["registered_name"])))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    foreign = sorted(f"{module}.{name}" for module, name in found - TRUSTED_KERAS_TYPES)
+    if foreign:
+        raise ModelSpecError(
+            f"{path}: refused: model.keras holds type(s) a crop-type model never has: {', '.join(foreign)}"
+        )
+    return _keras().saving.load_model(file, compile=False, safe_mode=True)
 
 
 def fit(
@@ -462,8 +537,7 @@ def calibrate(proba: np.ndarray, classes: Sequence[str], truth: Sequence[str]) -
 
 def _fit_keras(Z: np.ndarray, target: np.ndarray, n_classes: int, seed: int, epochs: int) -> Any:
     """A small 1-D CNN over the time axis: enough for a few hundred parcels, fast on CPU."""
-    import keras
-
+    keras = _keras()
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
         [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -122,15 +123,88 @@ def test_foreign_models_are_refused_without_crashing(tmp_path, model, train_scen
     )
 
 
-def test_keras_model_trains_saves_and_loads(tmp_path, train_scenario):
+class OpensAFile:
+    """A pickle payload: unpickling it creates a file (a stand-in for any code a pickle can run)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+class NotAModel:
+    """A type no crop-type model holds (skops would have to import and build it)."""
+
+    def __init__(self) -> None:
+        self.payload = [1, 2, 3]
+
+
+def test_model_files_holding_foreign_types_are_refused_unopened(tmp_path, model, train_scenario):
+    sub = train_scenario.series.subset(train_scenario.series.parcels["pid"].to_numpy()[:3])
+    # an old-format (joblib) model file: a pickle, never opened
+    model.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "spec.json").read_text())
+    (tmp_path / "old" / "spec.json").write_text(json.dumps({**meta, "format": 2}))
+    (tmp_path / "old" / "model.joblib").write_bytes(pickle.dumps(OpensAFile(tmp_path / "opened")))
+    with pytest.raises(ct.ModelSpecError, match=r"format 2 holds a pickle .* retrain it with `cbm train`"):
+        ct.load_model(tmp_path / "old")
+    assert not (tmp_path / "opened").exists()
+    # a skops file with a type outside the trusted list
+    import skops.io
+
+    model.save(tmp_path / "foreign")
+    skops.io.dump({"model": NotAModel()}, tmp_path / "foreign" / "model.skops")
+    with pytest.raises(ct.ModelSpecError) as info:
+        ct.load_model(tmp_path / "foreign")
+    assert "refused" in str(info.value) and "test_markers_crop_type.NotAModel" in str(info.value)
+    assert "\n" not in str(info.value)
+    results = ct.run(sub, {"model": str(tmp_path / "foreign")})
+    assert all(r.status == Status.NOT_VALID and "NotAModel" in r.reason for r in results)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory, train_scenario):
+    """A Keras CNN trained briefly and its model file."""
     _, X, y, _ = ct.training_set(train_scenario.series, train_scenario.actual_crop, SIM_SPEC)
-    net = ct.fit(X, y, "keras", SIM_SPEC, epochs=8)
-    net.save(tmp_path / "net.zip")
-    again = ct.load_model(tmp_path / "net.zip")
+    model = ct.fit(X, y, "keras", SIM_SPEC, epochs=8)
+    path = model.save(tmp_path_factory.mktemp("net") / "net.zip")
+    return model, path, X, y
+
+
+def test_keras_model_trains_saves_and_loads(net):
+    model, path, X, y = net
+    again = ct.load_model(path)
     proba = again.predict_proba(X[:20])
     np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
-    np.testing.assert_allclose(proba, net.predict_proba(X[:20]), atol=1e-6)
-    assert (np.asarray(again.classes)[net.predict_proba(X).argmax(axis=1)] == y).mean() > 0.7
+    np.testing.assert_allclose(proba, model.predict_proba(X[:20]), atol=1e-6)
+    assert (np.asarray(again.classes)[model.predict_proba(X).argmax(axis=1)] == y).mean() > 0.7
+
+
+def test_keras_model_with_a_lambda_layer_is_refused(net, tmp_path):
+    _, path, _, _ = net
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(tmp_path / "m")
+    inner = tmp_path / "m" / "model.keras"
+    with zipfile.ZipFile(inner) as archive:
+        parts = {name: archive.read(name) for name in archive.namelist()}
+    parts["config.json"] = parts["config.json"].replace(b'"Flatten"', b'"Lambda"', 1)
+    with zipfile.ZipFile(inner, "w") as archive:
+        for name, data in parts.items():
+            archive.writestr(name, data)
+    with pytest.raises(ct.ModelSpecError, match=r"refused: model.keras holds .*keras.layers.Lambda"):
+        ct.load_model(tmp_path / "m")
+
+
+def test_cnn_without_tensorflow_says_which_extra_to_install(net, monkeypatch, train_scenario):
+    _, path, X, y = net
+    monkeypatch.setitem(sys.modules, "keras", None)  # what `import keras` sees without the cnn extra
+    with pytest.raises(ct.CbmError, match=r"needs TensorFlow: pip install 'cbm-engine\[cnn\]'"):
+        ct.fit(X, y, "keras", SIM_SPEC, epochs=1, calibration_folds=0)
+    sub = train_scenario.series.subset(train_scenario.series.parcels["pid"].to_numpy()[:3])
+    ct._CACHE.clear()
+    results = ct.run(sub, {"model": str(path)})
+    assert all(r.status == Status.NOT_VALID and "cbm-engine[cnn]" in r.reason for r in results)
 
 
 def test_real_worldcereal_parcels_cross_validate():
