@@ -6,15 +6,15 @@ dataclasses so plugin authors get names, types and defaults instead of bare dict
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import date
 from enum import StrEnum
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import orjson
 import pandas as pd
 import shapely
 
@@ -271,14 +271,30 @@ def results_frame(results: Iterable[MarkerResult]) -> pd.DataFrame:
             "pid": int(r.pid),
             "status": str(r.status),
             "reason": r.reason,
-            "events": json.dumps([_event_json(e) for e in r.events]),
-            "values": json.dumps(_jsonable(r.values)),
+            "events": to_json(r.events),
+            "values": to_json(r.values),
             "confidence": np.nan if r.confidence is None else float(r.confidence),
-            "obsids": json.dumps(list(r.obsids)),
+            "obsids": to_json(r.obsids),
         }
         for r in results
     ]
     return pd.DataFrame(rows, columns=list(MARKER_RESULT_COLUMNS)).astype({"pid": "int64"})
+
+
+# orjson writes dataclasses (events), numpy scalars and arrays as they are, NaN and infinity as
+# null (strict JSON), and keys that are not text as their text; dates go through _json_date.
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def to_json(value: Any) -> str:
+    """Marker values and events as compact JSON text; dates (and timestamps) as YYYY-MM-DD."""
+    return orjson.dumps(value, default=_json_date, option=_JSON_OPTIONS).decode()
+
+
+def _json_date(value: Any) -> Any:
+    if isinstance(value, date):  # datetime and pd.Timestamp too: markers report days
+        return value.isoformat()[:10]
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as JSON")
 
 
 def verdict_table(verdicts: Iterable[Verdict]) -> pd.DataFrame:
@@ -292,25 +308,6 @@ def verdicts_frame(table: pd.DataFrame, parcels: gpd.GeoDataFrame) -> gpd.GeoDat
     """A verdict table joined to its parcels' declarations and geometry."""
     declared = parcels[["pid", "crop_code", "crop_name", "geometry"]]
     return gpd.GeoDataFrame(declared.merge(table, on="pid", how="inner"), crs=parcels.crs)
-
-
-def _event_json(event: Event) -> dict[str, Any]:
-    """An event as JSON-ready values, field by field (dataclasses.asdict deep-copies: slow for millions)."""
-    return {f.name: _jsonable(getattr(event, f.name)) for f in fields(Event)}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, date | pd.Timestamp):
-        return value.isoformat()[:10]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def unusable_share(
