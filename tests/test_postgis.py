@@ -269,10 +269,11 @@ def test_a_connection_the_server_dropped_is_replaced_before_use(postgres, monkey
     """An idle pooled connection killed by the server (restart, idle timeout of a firewall or
     pgbouncer) is found by the pool's check and replaced: the next transaction neither fails nor
     waits for a retry."""
-    cfg = own_pool(postgres, pool_size=1)
+    cfg = own_pool(postgres, pool_size=1, pool_check_idle=0.2)
     first = backend_pid(cfg)
     with psycopg.connect(postgres.dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+    time.sleep(0.3)  # idle for longer than pool_check_idle
     sleeps: list[float] = []
     monkeypatch.setattr(pg.time, "sleep", sleeps.append)
     assert backend_pid(cfg) != first
