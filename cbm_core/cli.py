@@ -156,6 +156,7 @@ def extract(
     jobs = [
         PluginConfig(extractor, {"card": c, "bands": b}, Path.cwd(), f"--bands {c}") for c, b in bands.items()
     ]
+    engine.check_bands(catalogue, jobs)
     signatures, report = engine.extract(parcels, catalogue, jobs, config)
     for obsid, reason in report.failed.items():
         click.echo(f"failed {obsid}: {reason}", err=True)
@@ -170,7 +171,10 @@ def extract(
 def plugins(as_json: bool) -> None:
     """List installed plugins: name, version, kind, origin and the hooks they implement."""
     manager = _plugins()
-    infos = [vars(i) for i in sorted(manager.infos.values(), key=lambda i: (i.kind, i.name))]
+    infos = [
+        {**vars(i), "options": None if i.options is None else sorted(i.options)}
+        for i in sorted(manager.infos.values(), key=lambda i: (i.kind, i.name))
+    ]
     refused = [{"name": n, "reason": r} for n, r in sorted(manager.refused.items())]
     if as_json:
         click.echo(json.dumps({"plugins": infos, "refused": refused}, indent=2))
@@ -246,11 +250,11 @@ def score(
     from cbm_core.pipeline import Engine
 
     engine = Engine(plugins=_plugins(), progress=False)
+    plan = engine.scheme(scheme, Path.cwd())  # a mistake in the scheme is refused before any reading
     options = {"signatures": str(signatures), "scale": scale, "offset": offset}
     if parcels_path is not None:
         options["parcels"] = str(parcels_path)
     series = engine.signatures(PluginConfig(source, options, Path.cwd(), "--signatures"))
-    plan = engine.scheme(scheme, Path.cwd())
     results, verdicts = runs.score(engine, series, plan, out, str(signatures))
     lights = verdicts["light"].value_counts()
     counts = {light: int(lights.get(light, 0)) for light in ("green", "yellow", "red")}

@@ -2,15 +2,68 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cbm_core.errors import ConfigError
+from cbm_core.model import CARDS
 
-RUN_SECTIONS = {"run", "source", "store", "extract", "scheme", "marker", "rule", "cluster"}
+# The schema of a configuration: the keys each table accepts. A plugin's table ([source], [store],
+# [[extract]], [[marker]], [rule]) also accepts the options its plugin declares (CBM_OPTIONS, checked
+# by the Engine once the plugins are loaded). To add a key or a section, add it here: every table is
+# checked against these sets, and a mistake is refused with the valid keys and a did-you-mean.
+RUN_KEYS: dict[str, frozenset[str]] = {  # top level of a run configuration -> keys of that table
+    "run": frozenset({"out"}),
+    "source": frozenset({"plugin"}),
+    "store": frozenset({"plugin"}),
+    "extract": frozenset({"plugin", "card", "bands"}),
+    "cluster": frozenset(),  # filled below from CLUSTER_TYPES
+}
+SCHEME_KEYS: dict[str, frozenset[str]] = {  # a scheme: a recipe file, or inline in a run configuration
+    "marker": frozenset({"plugin", "name"}),
+    "rule": frozenset({"plugin"}),
+}
+DEFAULT_STORE = "parquet"  # the signature store when a configuration has no [store] plugin, in out/signatures
+RUN_VALUES = frozenset({"scheme"})  # top-level keys of a run configuration that are values, not tables
+SERVER_KEYS: dict[str, frozenset[str]] = {  # a `cbm serve` configuration (limits: see the server plugin)
+    "server": frozenset({"users", "chip_dir"}),
+    "dataset": frozenset({"aoi", "year", "source", "store", "results", "verdicts"}),
+}
+
+
+def check_keys(table: Mapping[str, Any], allowed: Collection[str], where: str, what: str = "key") -> None:
+    """Refuse a key the schema does not know, naming it, a close valid key and all valid keys.
+
+    A misspelt key silently ignored is worse than an error: `[run] otu = ...` would send results
+    to the default folder, over an earlier run's.
+    """
+    unknown = [str(k) for k in table if k not in allowed]
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    valid = ", ".join(sorted(allowed)) or "none"
+    raise ConfigError(f"{where}: unknown {what} '{key}'{hint}; valid {what}s: {valid}")
+
+
+def check_table(table: Any, where: str) -> Mapping[str, Any]:
+    """A TOML value that must be a table (``[name]``), not a value or an array of them."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    return table
+
+
+def tables(value: Any, where: str) -> list[Mapping[str, Any]]:
+    """The tables of a ``[[name]]`` array (a single ``[name]`` table counts as one)."""
+    items = [value] if isinstance(value, Mapping) else value
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: expected [[tables]], got {type(value).__name__}")
+    return [check_table(t, f"{where} #{i + 1}") for i, t in enumerate(items)]
 
 
 def resolve_path(value: Any, base_dir: Path) -> Path:
@@ -48,7 +101,8 @@ class PluginConfig:
     plugin: str
     options: Mapping[str, Any] = field(default_factory=dict)
     base_dir: Path = Path(".")
-    where: str = "config"  # how to name this table in error messages, e.g. "[source]"
+    where: str = "config"  # how to name this table in error messages, e.g. "run.toml [source]"
+    keys: frozenset[str] = frozenset({"plugin"})  # the table's own keys; the rest are plugin options
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
@@ -72,14 +126,25 @@ class PluginConfig:
         return Params({k: v for k, v in self.options.items() if k not in ("plugin", "name")}, self.base_dir)
 
 
-def plugin_config(table: Any, where: str, base_dir: Path, default_plugin: str | None = None) -> PluginConfig:
-    """Build a PluginConfig from one TOML table, checking it names a plugin."""
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+def plugin_config(
+    table: Any,
+    where: str,
+    base_dir: Path,
+    default_plugin: str | None = None,
+    keys: Collection[str] = ("plugin",),
+) -> PluginConfig:
+    """Build a PluginConfig from one TOML table, checking it names a plugin.
+
+    keys: the table's own keys (its section's schema); any other key must be an option the plugin
+    declares (checked by Engine.check_options once plugins are loaded).
+    """
+    check_table(table, where)
     name = table.get("plugin", default_plugin)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: missing 'plugin = \"NAME\"' (run 'cbm plugins' to list them)")
-    return PluginConfig(plugin=name, options=dict(table), base_dir=base_dir, where=where)
+    return PluginConfig(
+        plugin=name, options=dict(table), base_dir=base_dir, where=where, keys=frozenset(keys)
+    )
 
 
 def read_toml(path: Path, what: str = "configuration") -> dict[str, Any]:
@@ -114,12 +179,13 @@ def marker_name(config: PluginConfig) -> str:
 
 def parse_scheme(data: Mapping[str, Any], base_dir: Path, origin: str) -> Scheme:
     """Read [[marker]] tables and the [rule] table of a scheme (a recipe file or a run config)."""
-    tables = data.get("marker", [])
-    if isinstance(tables, Mapping):
-        tables = [tables]
-    if not tables:
+    found = tables(data.get("marker", []), f"{origin} [[marker]]")
+    if not found:
         raise ConfigError(f"{origin}: no [[marker]] table: a scheme needs at least one marker")
-    markers = tuple(plugin_config(t, f"{origin} [[marker]] #{i + 1}", base_dir) for i, t in enumerate(tables))
+    markers = tuple(
+        plugin_config(t, f"{origin} [[marker]] #{i + 1}", base_dir, keys=SCHEME_KEYS["marker"])
+        for i, t in enumerate(found)
+    )
     names = [marker_name(m) for m in markers]
     repeated = {n for n in names if names.count(n) > 1}
     if repeated:
@@ -128,7 +194,16 @@ def parse_scheme(data: Mapping[str, Any], base_dir: Path, origin: str) -> Scheme
         )
     if "rule" not in data:
         raise ConfigError(f"{origin}: no [rule] table: a scheme needs a decision rule")
-    return Scheme(markers, plugin_config(data["rule"], f"{origin} [rule]", base_dir))
+    return Scheme(
+        markers, plugin_config(data["rule"], f"{origin} [rule]", base_dir, keys=SCHEME_KEYS["rule"])
+    )
+
+
+def load_scheme(path: Path) -> Scheme:
+    """A scheme recipe file: [[marker]] tables and a [rule] table, nothing else."""
+    data = read_toml(path, "scheme")
+    check_keys(data, SCHEME_KEYS, str(path), "section")
+    return parse_scheme(data, Path(path).parent, str(path))
 
 
 @dataclass(frozen=True)
@@ -164,13 +239,7 @@ CLUSTER_TYPES = {
 
 def parse_cluster(table: Any, where: str = "[cluster]") -> ClusterConfig:
     """Check a [cluster] table: known keys, right types, positive counts."""
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
-    unknown = sorted(set(table) - set(CLUSTER_TYPES))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(CLUSTER_TYPES)}"
-        )
+    check_keys(check_table(table, where), CLUSTER_TYPES, where)
     for key, value in table.items():
         if isinstance(value, bool) or not isinstance(value, CLUSTER_TYPES[key]):
             raise ConfigError(f"{where}: '{key}' has the wrong type ({value!r})")
@@ -181,6 +250,9 @@ def parse_cluster(table: Any, where: str = "[cluster]") -> ClusterConfig:
     if "address" in table and "workers" in table:
         raise ConfigError(f"{where}: give either address (a running scheduler) or workers (a local cluster)")
     return ClusterConfig(**table)
+
+
+RUN_KEYS["cluster"] = frozenset(CLUSTER_TYPES)
 
 
 @dataclass(frozen=True)
@@ -202,37 +274,52 @@ class RunConfig:
 
 
 def load_run_config(path: Path) -> RunConfig:
-    """Parse and check a run configuration file; errors name the section and key at fault."""
+    """Parse and check a run configuration file; errors name the file, section and key at fault."""
     path = Path(path).resolve()
     data = read_toml(path)
     base = path.parent
-    unknown = sorted(set(data) - RUN_SECTIONS)
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown section(s) {', '.join(unknown)}; expected {', '.join(sorted(RUN_SECTIONS))}"
-        )
-    run = data.get("run", {})
-    out_dir = base / str(run.get("out", "out"))
+    check_keys(data, {*RUN_KEYS, *SCHEME_KEYS, *RUN_VALUES}, str(path), "section")
+    run = check_table(data.get("run", {}), f"{path} [run]")
+    check_keys(run, RUN_KEYS["run"], f"{path} [run]")
+    out = run.get("out", "out")
+    if not isinstance(out, str) or not out.strip():
+        raise ConfigError(f"{path} [run]: 'out' must be a folder name, got {out!r}")
+    out_dir = resolve_path(out, base)
     if "source" not in data:
         raise ConfigError(f"{path}: no [source] table: say where parcels and scenes come from")
-    source = plugin_config(data["source"], "[source]", base, default_plugin="local")
-    store_table = dict(data.get("store", {}))
-    store_table.setdefault("path", str(out_dir / "signatures"))
-    store = plugin_config(store_table, "[store]", base, default_plugin="parquet")
-    extract_tables = data.get("extract", [])
-    if isinstance(extract_tables, Mapping):
-        extract_tables = [extract_tables]
-    extract = tuple(plugin_config(t, f"[[extract]] #{i + 1}", base) for i, t in enumerate(extract_tables))
+    source = plugin_config(data["source"], f"{path} [source]", base, "local", RUN_KEYS["source"])
+    store_table = dict(check_table(data.get("store", {}), f"{path} [store]"))
+    if store_table.get("plugin", DEFAULT_STORE) == DEFAULT_STORE:
+        store_table.setdefault("path", str(out_dir / "signatures"))
+    store = plugin_config(store_table, f"{path} [store]", base, DEFAULT_STORE, RUN_KEYS["store"])
+    extract = tuple(
+        plugin_config(t, f"{path} [[extract]] #{i + 1}", base, keys=RUN_KEYS["extract"])
+        for i, t in enumerate(tables(data.get("extract", []), f"{path} [[extract]]"))
+    )
     for job in extract:
-        bands = job.get("bands")
-        if not isinstance(bands, list) or not bands or not all(isinstance(b, str) for b in bands):
-            raise ConfigError(f"{job.where}: 'bands' must be a non-empty list of band names")
+        check_job(job)
     scheme_ref = data.get("scheme")
     if scheme_ref is not None and ("marker" in data or "rule" in data):
         raise ConfigError(f"{path}: give either scheme = ... or [[marker]] and [rule] tables, not both")
+    if scheme_ref is not None and (not isinstance(scheme_ref, str) or not scheme_ref):
+        raise ConfigError(f"{path}: scheme must be a recipe name or a file, got {scheme_ref!r}")
     scheme = None if scheme_ref is not None else parse_scheme(data, base, str(path))
     cluster = parse_cluster(data.get("cluster", {}), f"{path} [cluster]")
     return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref, cluster)
+
+
+def check_job(job: PluginConfig) -> None:
+    """An [[extract]] table: a known card and a non-empty list of band names."""
+    card = job.get("card")
+    if card not in CARDS:
+        hint = difflib.get_close_matches(str(card), CARDS, n=1)
+        guess = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(
+            f"{job.where}: card {card!r} is not a known card{guess}; valid cards: {', '.join(CARDS)}"
+        )
+    bands = job.get("bands")
+    if not isinstance(bands, list) or not bands or not all(isinstance(b, str) and b for b in bands):
+        raise ConfigError(f"{job.where}: 'bands' must be a non-empty list of band names")
 
 
 def jobs_by_card(jobs: Sequence[PluginConfig]) -> dict[str, PluginConfig]:

@@ -94,6 +94,7 @@ def run_distributed(
     spec = plugin_spec(engine)
     parcels = engine.parcels(config.source)
     catalogue = engine.catalogue(config.source)
+    engine.check_bands(catalogue, config.extract)
     quiet = engine.progress_disabled
     with connect(cluster) as client, scheduler_lost_is_an_error(client):
         link = client.dashboard_link

@@ -21,9 +21,8 @@ from cbm_core.config import (
     RunConfig,
     Scheme,
     jobs_by_card,
+    load_scheme,
     marker_name,
-    parse_scheme,
-    read_toml,
 )
 from cbm_core.errors import CbmError, ConfigError, InputError
 from cbm_core.model import (
@@ -246,19 +245,44 @@ class Engine:
                     f"scheme '{ref}' is neither a recipe ({', '.join(sorted(recipes)) or 'none installed'}) "
                     f"nor a file ({path})"
                 )
-        return parse_scheme(read_toml(path, "scheme"), path.parent, str(path))
+        scheme = load_scheme(path)
+        self.check_scheme(scheme)
+        return scheme
+
+    def check_scheme(self, scheme: Scheme) -> None:
+        """Fail fast on a missing or wrong-kind marker or rule plugin, or an option it does not know."""
+        for marker in scheme.markers:
+            self.plugins.caller(marker.plugin, "cbm_marker_run", marker.where)
+            self.plugins.check_options(marker)
+        self.plugins.caller(scheme.rule.plugin, "cbm_rule_decide", scheme.rule.where)
+        self.plugins.check_options(scheme.rule)
+
+    def check_bands(self, catalogue: gpd.GeoDataFrame, jobs: Sequence[PluginConfig]) -> None:
+        """Refuse a band that no scene of the job's card has: it would silently yield no rows."""
+        for job in jobs:
+            scenes = catalogue[catalogue["card"] == job.get("card")]
+            if scenes.empty:
+                continue
+            known = sorted({band for bands in scenes["bands"] for band in bands})
+            missing = [b for b in job.require("bands") if b not in known]
+            if missing:
+                raise ConfigError(
+                    f"{job.where}: band '{missing[0]}' is in no {job.get('card')} scene of the catalogue; "
+                    f"its bands: {', '.join(known)}"
+                )
 
     # The whole run -----------------------------------------------------------------------------
 
     def check(self, config: RunConfig, scheme: Scheme) -> None:
-        """Fail fast, before any work, when a configured plugin is missing or of the wrong kind."""
+        """Fail fast, before any work, when a configured plugin is missing or of the wrong kind, or
+        is given an option it does not know."""
         self.plugins.caller(config.source.plugin, "cbm_source_parcels", config.source.where)
         self.plugins.caller(config.store.plugin, "cbm_store_write", config.store.where)
         for job in config.extract:
             self.plugins.caller(job.plugin, "cbm_extractor_extract", job.where)
-        for marker in scheme.markers:
-            self.plugins.caller(marker.plugin, "cbm_marker_run", marker.where)
-        self.plugins.caller(scheme.rule.plugin, "cbm_rule_decide", scheme.rule.where)
+        for table in (config.source, config.store, *config.extract):
+            self.plugins.check_options(table)
+        self.check_scheme(scheme)
 
     def run(self, config: RunConfig, force: bool = False, cluster: Any = None) -> RunResult:
         """`cbm run`: extract what is missing, score every parcel, write verdicts and a summary.

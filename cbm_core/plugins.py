@@ -24,12 +24,14 @@ from typing import Any
 import pluggy
 
 from cbm_core import hookspecs
+from cbm_core.config import PluginConfig, check_keys
 from cbm_core.errors import PluginError
 
 ENTRY_POINT_GROUP = "cbm"
 CORE_API_VERSION = "1.0"
 DISABLED_ENV = "CBM_DISABLED_PLUGINS"
 TRACE_ENV = "CBM_TRACE_PLUGINS"
+OPTIONS_ATTRIBUTE = "CBM_OPTIONS"  # module-level set of the option keys a plugin reads from its table
 FAMILIES = ("source", "extractor", "store", "marker", "rule", "cli")
 
 
@@ -44,6 +46,7 @@ class PluginInfo:
     origin: str  # "built-in" or "entry point"
     module: str
     description: str = ""
+    options: frozenset[str] | None = None  # CBM_OPTIONS: the option keys it accepts; None: not declared
 
 
 @dataclass
@@ -74,6 +77,11 @@ class PluginManager:
             )
             self.refused[name] = why
             return False
+        try:
+            options = _declared_options(module, name)
+        except PluginError as exc:
+            self.refused[name] = str(exc)
+            return False
         self.pm.register(module, name=name)
         hooks = sorted(h.name for h in self.pm.get_hookcallers(module) or [])
         self.infos[name] = PluginInfo(
@@ -84,8 +92,20 @@ class PluginManager:
             origin=origin,
             module=module.__name__,
             description=description or _first_line(module.__doc__),
+            options=options,
         )
         return True
+
+    def check_options(self, config: PluginConfig) -> None:
+        """Refuse an option the configured plugin does not declare (with a did-you-mean).
+
+        A plugin declares the keys it reads as a module-level ``CBM_OPTIONS`` set; one that
+        declares nothing (an older third-party plugin) gets every option unchecked.
+        """
+        info = self.infos.get(config.plugin)
+        if info is None or info.options is None:
+            return
+        check_keys(config.options, config.keys | info.options, f"{config.where} (plugin '{config.plugin}')")
 
     def caller(self, plugin: str, hook_name: str, where: str) -> Callable[..., Any]:
         """The hook as implemented by one named plugin (the one a configuration chose)."""
@@ -188,6 +208,17 @@ def _load(
         manager.refused[name] = f"failed to import: {type(exc).__name__}: {exc}"
         return False
     return manager.register(module, name, origin, version, description)
+
+
+def _declared_options(module: ModuleType, name: str) -> frozenset[str] | None:
+    options = getattr(module, OPTIONS_ATTRIBUTE, None)
+    if options is None:
+        return None
+    if isinstance(options, str) or not all(isinstance(o, str) for o in options):
+        raise PluginError(
+            f"plugin '{name}' ({module.__name__}): {OPTIONS_ATTRIBUTE} must be a set of option names"
+        )
+    return frozenset(options)
 
 
 def _new_pluggy() -> pluggy.PluginManager:

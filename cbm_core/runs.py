@@ -39,6 +39,7 @@ def run_local(engine: Engine, config: RunConfig, force: bool = False) -> RunResu
     engine.check(config, scheme)
     parcels = engine.parcels(config.source)
     catalogue = engine.catalogue(config.source)
+    engine.check_bands(catalogue, config.extract)
     _, report = engine.extract(parcels, catalogue, config.extract, config.source, config.store, force=force)
     stored = engine.read_store(config.store, pids=None)
     series = time_series(stored, catalogue, parcels)

@@ -29,6 +29,8 @@ import pandas as pd
 from cbm_core import impl
 from cbm_core.model import Light, Status, Verdict
 
+CBM_OPTIONS = frozenset({"markers", "red_if_any_fails"})  # the [rule] options it reads
+
 DEFAULT_MARKER_RULE = {"expect": "event", "min_confidence": 0.5}
 
 

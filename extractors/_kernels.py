@@ -60,6 +60,9 @@ CACHE_ENV = "CBM_CACHE_DIR"
 INDEX_FORMAT = 2  # bump when the PixelIndex layout or the rasterization rule changes
 DEFAULT_BLOCK_PARCELS = 100_000
 
+# The options every fast extractor reads through extract_options (its CBM_OPTIONS include them).
+EXTRACT_OPTIONS = frozenset({"all_touched", "buffer", "block_parcels", "cache_dir"})
+
 ReadWindow = Callable[[BandRef, tuple[float, float, float, float], str], RasterWindow]
 
 

@@ -28,9 +28,17 @@ from cbm_core import impl
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import BandRef, RasterWindow, Scene, Signatures, empty_scl, empty_signatures
-from extractors._kernels import extract_options, scene_blocks, stats_frame, to_physical, zonal_stats
+from extractors._kernels import (
+    EXTRACT_OPTIONS,
+    extract_options,
+    scene_blocks,
+    stats_frame,
+    to_physical,
+    zonal_stats,
+)
 
 CBM_API_VERSION = "1.0"
+CBM_OPTIONS = EXTRACT_OPTIONS | {"db_input"}  # the [[extract]] options it reads
 CARDS = {"bs": "CARD-BS backscatter", "c6": "CARD-COH6 coherence"}
 
 

@@ -38,6 +38,7 @@ from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import BandRef, RasterWindow, Scene, Signatures, empty_scl, empty_signatures
 from extractors._kernels import (
+    EXTRACT_OPTIONS,
     Block,
     Grid,
     class_histogram,
@@ -52,6 +53,7 @@ from extractors._kernels import (
 )
 
 CBM_API_VERSION = "1.0"
+CBM_OPTIONS = EXTRACT_OPTIONS | {"boa_offset", "indices"}  # the [[extract]] options it reads
 REFLECTANCE = {*(f"B{i:02d}" for i in range(1, 13)), "B8A"}
 CLASS_BAND = "SCL"
 L2A_NODATA = 0

@@ -30,6 +30,8 @@ from cbm_core.model import (
     empty_signatures,
 )
 
+CBM_OPTIONS: frozenset[str] = frozenset()  # the reference extractor has no options
+
 CLASS_BANDS = {"SCL"}
 
 

@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "min_pixels": 40,  # smaller FOIs are not assessed
     "map_date": None,  # date of the thematic map, used to date events; default: today
 }
+# The parameters a scheme may give this marker (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset(DEFAULTS)
 
 
 @impl

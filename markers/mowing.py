@@ -75,6 +75,8 @@ DEFAULTS: dict[str, Any] = {
     "coherence_band": "VV",
     "backscatter_band": "VH",
 }
+# The parameters a scheme may give this marker (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset(DEFAULTS) | {"require_scl"}
 
 SRC_S2, SRC_S1, SRC_BOTH = 1, 2, 3
 S1_COHERENCE, S1_BACKSCATTER, S1_NONE = 1, 2, 0

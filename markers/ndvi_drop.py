@@ -22,6 +22,8 @@ DEFAULTS = {
     "cloud_classes": [0, 1, 3, 8, 9, 11],  # JRC's newer mask: no data, saturated, shadow, cloud, snow
     "min_clear": 3,
 }
+# The parameters a scheme may give this marker (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset(DEFAULTS)
 
 
 @impl

@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "max_cloudy": ts.DEFAULT_MAX_CLOUDY,
     "cloud_classes": list(ts.DEFAULT_CLOUD_CLASSES),
 }
+# The parameters a scheme may give this marker (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset(DEFAULTS) | {"require_scl", "context_distance"}
 
 
 @impl

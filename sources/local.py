@@ -24,6 +24,9 @@ from cbm_core.model import BandRef, RasterWindow, validate_parcels
 from sources._catalogue import catalogue_frame, scenes_from_band_rows
 from sources._raster import raster_footprint, read_window
 
+# The [source] options it reads (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset({"parcels", "layer", "pid_column", "crop_code_column", "crop_name_column", "scenes"})
+
 PARCEL_SUFFIXES = {".gpkg", ".parquet", ".geoparquet", ".shp", ".geojson", ".json", ".fgb"}
 
 

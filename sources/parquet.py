@@ -24,6 +24,8 @@ from cbm_core.config import PluginConfig
 from cbm_core.errors import InputError
 from cbm_core.model import HIST_COLUMNS, STATS, Signatures, empty_scl, empty_signatures
 
+CBM_OPTIONS = frozenset({"path"})  # the [store] options it reads
+
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 STATS_SCHEMA = pa.schema(
     [("pid", pa.int64()), ("obsid", pa.string()), ("band", pa.string()), ("count", pa.int64())]

@@ -64,6 +64,13 @@ from cbm_core.model import (
 )
 from sources._raster import read_window
 
+# The [source] and [store] options it reads (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset(
+    {"dsn", "dsn_env", "schema", "catalogue_table", "parcels_table", "signatures_table", "hists_table",
+     "id_column", "crop_code_column", "crop_name_column", "geometry_column", "pool_size",
+     "reconnect_seconds", "cards", "gdal", "bulk_memory", "lease_seconds"}
+)  # fmt: skip
+
 if TYPE_CHECKING:
     import click
 

@@ -49,6 +49,12 @@ from cbm_core.model import (
 )
 from sources._raster import read_window
 
+# The [source] options it reads (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset(
+    {"url", "username", "password", "password_env", "retries", "timeout", "aoi", "year", "workers", "pids",
+     "polygon", "polygon_limit", "tstypes", "bands", "start_date", "end_date", "chipsize", "chip_dir"}
+)  # fmt: skip
+
 _SESSIONS = threading.local()
 
 

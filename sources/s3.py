@@ -50,6 +50,13 @@ from cbm_core.plugins import load_plugins
 from sources._catalogue import card_of, catalogue_frame, scenes_from_band_rows
 from sources._raster import raster_footprint, read_window
 
+# The [source] options it reads (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset(
+    {"bucket", "prefix", "endpoint_url", "region", "path_style", "access_key_id", "secret_access_key",
+     "session_token", "anonymous", "retries", "timeout", "parcels", "layer", "pid_column",
+     "crop_code_column", "crop_name_column", "gdal", "catalogue", "scenes"}
+)  # fmt: skip
+
 RASTER_SUFFIXES = (".tif", ".tiff")
 S2_NAME = re.compile(
     r"^S2(?P<unit>[A-D])_MSI(?:L2A|L1C)_(?P<date>\d{8})(?:T(?P<time>\d{6}))?(?:_N\d{4})?(?:_(?P<orbit>R\d{3}))?"

@@ -23,6 +23,8 @@ from cbm_core.config import PluginConfig
 from cbm_core.errors import InputError
 from cbm_core.model import CARDS, HIST_COLUMNS, STATS, TimeSeries, validate_parcels
 
+CBM_OPTIONS = frozenset({"signatures", "parcels", "scale", "offset"})  # the options it reads
+
 REQUIRED = ("pid", "obstime", "card", "band", "mean")
 REFLECTANCE_STATS = ("mean", "min", "max", "p25", "p50", "p75")
 SCALES = {"reflectance": 1.0, "dn": 1e-4}
