@@ -135,3 +135,24 @@ def test_installed_cbm_refuses_a_misspelt_key_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"Error: {config} [run]: unknown key 'otu' (did you mean 'out'?); valid keys: out"
     ]
+
+
+def test_server_configuration_refuses_unknown_keys_and_plugin_options(tmp_path):
+    from cbm_core.plugins import load_plugins
+    from cbm_plugins.serve import load_server_config
+    from cbm_plugins.serve._config import check_plugins
+
+    config = tmp_path / "server.toml"
+    dataset = '[[dataset]]\naoi = "fl"\nyear = 2023\nsource = { plugin = "local", parcels = "p.gpkg" }\n'
+    config.write_text(f'[server]\nuser = "u.json"\n{dataset}store = {{ plugin = "parquet", path = "s" }}\n')
+    with pytest.raises(ConfigError, match=r"\[server\]: unknown key 'user' \(did you mean 'users'\?\)"):
+        load_server_config(config)
+    config.write_text(f'{dataset}store = {{ plugin = "parquet", path = "s" }}\nresult = "m.parquet"\n')
+    with pytest.raises(ConfigError, match=r"#1: unknown key 'result' \(did you mean 'results'\?\)"):
+        load_server_config(config)
+    config.write_text(f'{dataset}store = {{ plugin = "parquet", pth = "s" }}\n')
+    settings = load_server_config(config)
+    with pytest.raises(
+        ConfigError, match=r"store \(plugin 'parquet'\): unknown key 'pth' \(did you mean 'path'"
+    ):
+        check_plugins(settings, load_plugins())

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from cbm_core.plugins import PluginManager, load_plugins
 from cbm_plugins.serve import _routes_chips, _routes_parcels, _routes_results, _routes_series
-from cbm_plugins.serve._config import CONFIG_ENV, ServerConfig, load_server_config
+from cbm_plugins.serve._config import CONFIG_ENV, ServerConfig, check_plugins, load_server_config
 from cbm_plugins.serve._datasets import Datasets
 from cbm_plugins.serve._http import SizeLimit, install_error_handlers
 from cbm_plugins.serve._users import Authenticator
@@ -22,6 +22,7 @@ ROUTERS = (_routes_parcels.router, _routes_series.router, _routes_chips.router, 
 def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> FastAPI:
     """The FastAPI application serving the datasets of a server configuration."""
     manager = plugins if plugins is not None else load_plugins()
+    check_plugins(config, manager)
     config.chip_dir.mkdir(parents=True, exist_ok=True)
     app = FastAPI(
         title="cbm-engine CbM RESTful API",

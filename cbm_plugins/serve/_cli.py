@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cbm_core.errors import CbmError, InputError
-from cbm_plugins.serve._config import CHIP_DIR_ENV, CONFIG_ENV, load_server_config
+from cbm_plugins.serve._config import CHIP_DIR_ENV, CONFIG_ENV, check_plugins, load_server_config
 from cbm_plugins.serve._users import ALL_AOIS, make_user, read_users, write_users
 
 
@@ -22,7 +22,10 @@ def serve_command(config: Path, host: str, port: int, workers: int) -> None:
     """Serve the CbM RESTful API for the datasets of CONFIG (TOML) with uvicorn."""
     import uvicorn
 
+    from cbm_core.plugins import load_plugins
+
     settings = load_server_config(config)  # fail here, with a clear message, not in a worker
+    check_plugins(settings, load_plugins())
     if not settings.users.exists():
         click.echo(f"warning: no users file {settings.users}: add users with `cbm users add`", err=True)
     os.environ[CONFIG_ENV] = str(settings.path)

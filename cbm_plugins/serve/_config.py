@@ -32,8 +32,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbm_core.config import plugin_config, read_toml
+from cbm_core.config import RUN_KEYS, SERVER_KEYS, check_keys, check_table, plugin_config, read_toml, tables
 from cbm_core.errors import ConfigError
+from cbm_core.plugins import PluginManager
 from cbm_plugins.serve._datasets import AOI, Dataset
 
 CONFIG_ENV = "CBM_SERVER_CONFIG"
@@ -63,17 +64,22 @@ def load_server_config(path: Path) -> ServerConfig:
     path = Path(path).resolve()
     data = read_toml(path, "server configuration")
     base = path.parent
-    server = data.get("server", {})
-    unknown = set(server) - {"users", "chip_dir", *LIMIT_DEFAULTS}
-    if unknown:
-        raise ConfigError(f"{path} [server]: unknown option(s) {', '.join(sorted(unknown))}")
-    limits = {k: type(v)(server.get(k, v)) for k, v in LIMIT_DEFAULTS.items()}
-    tables = data.get("dataset", [])
-    if not tables:
+    check_keys(data, SERVER_KEYS, str(path), "section")
+    server = check_table(data.get("server", {}), f"{path} [server]")
+    check_keys(server, SERVER_KEYS["server"] | set(LIMIT_DEFAULTS), f"{path} [server]")
+    limits = {}
+    for key, default in LIMIT_DEFAULTS.items():
+        value = server.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{path} [server]: '{key}' must be a positive number, got {value!r}")
+        limits[key] = type(default)(value)
+    found = tables(data.get("dataset", []), f"{path} [[dataset]]")
+    if not found:
         raise ConfigError(f"{path}: no [[dataset]] table (aoi, year, source, store)")
     datasets = []
-    for i, table in enumerate(tables):
+    for i, table in enumerate(found):
         where = f"{path} [[dataset]] #{i + 1}"
+        check_keys(table, SERVER_KEYS["dataset"], where)
         for key in ("aoi", "year", "source", "store"):
             if key not in table:
                 raise ConfigError(f"{where}: missing '{key}'")
@@ -82,9 +88,9 @@ def load_server_config(path: Path) -> ServerConfig:
         datasets.append(
             Dataset(
                 aoi=str(table["aoi"]).lower(),
-                year=int(table["year"]),
-                source=plugin_config(table["source"], f"{where} source", base),
-                store=plugin_config(table["store"], f"{where} store", base),
+                year=_year(table["year"], where),
+                source=plugin_config(table["source"], f"{where} source", base, keys=RUN_KEYS["source"]),
+                store=plugin_config(table["store"], f"{where} store", base, keys=RUN_KEYS["store"]),
                 results=base / table["results"] if "results" in table else None,
                 verdicts=base / table["verdicts"] if "verdicts" in table else None,
             )
@@ -100,3 +106,19 @@ def load_server_config(path: Path) -> ServerConfig:
         chip_dir = Path(tempfile.mkdtemp(prefix="cbm-chips-"))
         atexit.register(shutil.rmtree, chip_dir, ignore_errors=True)
     return ServerConfig(path, base / str(server.get("users", "users.json")), datasets, limits, chip_dir)
+
+
+def check_plugins(config: ServerConfig, plugins: PluginManager) -> None:
+    """Refuse a dataset whose source or store plugin is missing, of the wrong kind, or given an
+    option it does not know, before the server answers anything."""
+    for dataset in config.datasets:
+        plugins.caller(dataset.source.plugin, "cbm_source_parcels", dataset.source.where)
+        plugins.caller(dataset.store.plugin, "cbm_store_read", dataset.store.where)
+        plugins.check_options(dataset.source)
+        plugins.check_options(dataset.store)
+
+
+def _year(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+        raise ConfigError(f"{where}: year must be a number like 2023, got {value!r}")
+    return int(value)
