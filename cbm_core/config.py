@@ -22,6 +22,9 @@ RUN_KEYS: dict[str, frozenset[str]] = {  # top level of a run configuration -> k
     "store": frozenset({"plugin"}),
     "extract": frozenset({"plugin", "card", "bands"}),
     "cluster": frozenset(),  # filled below from CLUSTER_TYPES
+    # plots, reports and the workbench: a folder of Jinja2 report templates first on the template
+    # path, and an orthophoto (any raster GDAL opens) as map background
+    "analyst": frozenset({"templates", "orthophoto"}),
 }
 SCHEME_KEYS: dict[str, frozenset[str]] = {  # a scheme: a recipe file, or inline in a run configuration
     "marker": frozenset({"plugin", "name"}),
@@ -267,6 +270,7 @@ class RunConfig:
     scheme: Scheme | None  # None until resolved against the plugins' scheme recipes
     scheme_ref: str | None  # a recipe name or file given as `scheme = ...`
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    analyst: PluginConfig = field(default_factory=lambda: PluginConfig("analyst", where="[analyst]"))
 
     @property
     def base_dir(self) -> Path:
@@ -305,7 +309,10 @@ def load_run_config(path: Path) -> RunConfig:
         raise ConfigError(f"{path}: scheme must be a recipe name or a file, got {scheme_ref!r}")
     scheme = None if scheme_ref is not None else parse_scheme(data, base, str(path))
     cluster = parse_cluster(data.get("cluster", {}), f"{path} [cluster]")
-    return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref, cluster)
+    analyst_table = check_table(data.get("analyst", {}), f"{path} [analyst]")
+    check_keys(analyst_table, RUN_KEYS["analyst"], f"{path} [analyst]")
+    analyst = PluginConfig("analyst", dict(analyst_table), base, f"{path} [analyst]")
+    return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref, cluster, analyst)
 
 
 def check_job(job: PluginConfig) -> None:

@@ -4,6 +4,7 @@ data is missing (a parcel outside the imagery, a cloudy-only season, a period wi
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +22,7 @@ from matplotlib.image import imread
 
 import cbm_core as cbm
 from cbm_core.cli import cli
-from cbm_core.errors import InputError
+from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import BandRef
 from cbm_plugins import analyst
 from cbm_plugins.analyst._plots import data_notes, observations, open_run
@@ -182,19 +183,89 @@ def test_an_unreadable_date_keeps_its_place_with_the_reason(demo_run: Path) -> N
     )
 
 
-def test_report_html_pdf_render_in_headless_chromium(demo_run: Path, tmp_path: Path) -> None:
-    html_path, pdf_path = analyst.write_report(demo_run, [4, OUTSIDE], tmp_path)
+def pdf_pages(path: Path) -> list[tuple[float, float]]:
+    """(width, height) in points of every page of a PDF (read from its page objects)."""
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF")
+    boxes = re.findall(
+        rb"/Type /Page\b.*?/MediaBox \[ *([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) *\]", data, re.S
+    )
+    boxes += re.findall(
+        rb"/MediaBox \[ *([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) *\][^>]*?/Type /Page\b", data, re.S
+    )
+    pages = len(re.findall(rb"/Type\s*/Page\b(?!s)", data))
+    sizes = [(float(c) - float(a), float(d) - float(b)) for a, b, c, d in boxes]
+    assert len(sizes) >= pages, "a page without MediaBox"
+    return sizes[:pages]
+
+
+A4_POINTS = (595.3, 841.9)
+
+
+def test_report_summary_then_one_a4_page_per_parcel_in_headless_chromium(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    html_path, pdf_path = analyst.write_report(demo_run, [4, OUTSIDE, 7], tmp_path)
     page = html_path.read_text()
-    assert page.count('<section class="parcel"') == 2 and "GREEN" in page
-    assert page.count("data:image/png;base64,") == 6 and '<img src="http' not in page  # self-contained
+    assert page.count('<section class="page parcel"') == 3 and "GREEN" in page
+    assert page.count("data:image/png;base64,") == 9 and '<img src="http' not in page  # self-contained
+    assert '<nav class="toc">' in page and page.count('href="#parcel-') == 3  # table of contents
+    assert "@media print" in page and "size: A4" in page
     assert "No observations of this parcel in the signature store." in page
-    assert "No Sentinel-2 imagery of this parcel in the run&#x27;s period." in page
-    pdf = pdf_path.read_bytes()
-    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") >= 8
+    assert "No Sentinel-2 imagery of this parcel in the run&#39;s period." in page  # autoescaped
+    assert "parcels in the run:" in page and "ndvi_drop" in page
+    sizes = pdf_pages(pdf_path)
+    assert len(sizes) == 1 + 3, "a summary page, then one page per parcel"
+    for width, height in sizes:
+        assert width == pytest.approx(A4_POINTS[0], abs=2) and height == pytest.approx(A4_POINTS[1], abs=2)
     pixels = screenshot(html_path, tmp_path / "shot.png")
     assert pixels.std() > 0.1, "the screenshot is blank"
     ink = (pixels.mean(axis=2) < 0.9).mean()
     assert ink > 0.05, f"only {ink:.1%} of the screenshot is not white"
+    printed = print_to_pdf(html_path, tmp_path / "printed.pdf")  # the browser's print stylesheet
+    assert len(printed) == 1 + 3
+    assert all(
+        w == pytest.approx(A4_POINTS[0], abs=2) and h == pytest.approx(A4_POINTS[1], abs=2)
+        for w, h in printed
+    )
+
+
+def test_report_of_a_run_without_flagged_parcel_says_so(demo_run: Path, tmp_path: Path) -> None:
+    html_path, pdf_path = analyst.write_report(demo_run, [], tmp_path, name="flagged")
+    assert "No red or yellow parcel in this report" in html_path.read_text()
+    assert len(pdf_pages(pdf_path)) == 1
+
+
+def test_report_templates_can_be_overridden_and_unknown_keys_are_refused(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    own = tmp_path / "brand"
+    own.mkdir()
+    (own / "report.html.j2").write_text(
+        '{% extends "base.html.j2" %}'
+        if False
+        else "<h1>Rapport {{ parcels|length }}</h1>{{ run }}<i>{{ '<b>' }}</i>"
+    )
+    text = Path(demo_run).read_text()
+    branded = Path(demo_run).with_name("branded.toml")
+    branded.write_text(text + f'\n[analyst]\ntemplates = "{own}"\n')
+    html_path, _ = analyst.write_report(branded, [4], tmp_path)
+    assert html_path.read_text().startswith("<h1>Rapport 1</h1>") and "&lt;b&gt;" in html_path.read_text()
+    wrong = Path(demo_run).with_name("wrong.toml")
+    wrong.write_text(text + '\n[analyst]\ntemplate = "x"\n')
+    with pytest.raises(ConfigError, match=r"\[analyst\]: unknown key 'template' \(did you mean 'templates'"):
+        analyst.write_report(wrong, [4], tmp_path)
+
+
+def test_location_map_says_when_the_orthophoto_service_is_missing(demo_run: Path, tmp_path: Path) -> None:
+    from cbm_plugins.analyst._report import _location_map
+
+    text = Path(demo_run).read_text()
+    config = Path(demo_run).with_name("ortho.toml")
+    config.write_text(text + '\n[analyst]\northophoto = "/vsicurl/http://127.0.0.1:9/ortho.tif"\n')
+    words = texts(_location_map(open_run(config), 4))
+    assert "orthophoto /vsicurl/http://127.0.0.1:9/ortho.tif not available" in words
+    assert "background: Sentinel-2" in texts(_location_map(open_run(demo_run), 4))
 
 
 def test_cli_plot_chips_report(demo_run: Path, tmp_path: Path) -> None:
@@ -212,6 +283,34 @@ def test_cli_plot_chips_report(demo_run: Path, tmp_path: Path) -> None:
     out = runner.invoke(cli, ["report", str(demo_run), "1", "--out", str(tmp_path)])
     assert out.exit_code == 0 and (tmp_path / "parcel-1.pdf").is_file()
     assert OUTSIDE in flagged_pids(demo_run) and 4 not in flagged_pids(demo_run)
+
+
+def chromium_flags(profile: str) -> list[str]:
+    return [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]
+
+
+def print_to_pdf(page: Path, target: Path) -> list[tuple[float, float]]:
+    """Print a page with headless Chromium (its print stylesheet) and return the PDF's page sizes."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail(
+            "chromium is not installed: apt-get install chromium chromium-driver (scripts/test.sh does)"
+        )
+    with tempfile.TemporaryDirectory() as profile:
+        flags = [*chromium_flags(profile), f"--print-to-pdf={target}", "--no-pdf-header-footer"]
+        done = subprocess.run([browser, *flags, page.resolve().as_uri()], capture_output=True, timeout=120)
+    assert target.is_file(), f"chromium wrote no PDF: {done.stderr.decode()[-500:]}"
+    return pdf_pages(target)
 
 
 def screenshot(page: Path, target: Path) -> np.ndarray:

@@ -55,6 +55,7 @@ EVENT_COLOUR = "#d50000"  # frame and label of a marker event date
 NODATA_GREY = 0.85  # outside the imagery: grey, not white, so it is not read as cloud
 NDVI_CMAP = colormaps["RdYlGn"].with_extremes(bad=str(NODATA_GREY))
 SCALE_BAR_SHARE = 0.3  # a scale bar spans at most this share of the chip width
+BACKGROUND_TRIES = 3  # scenes tried for a location map's background before saying there is none
 
 
 @dataclass
@@ -97,6 +98,8 @@ class Chip:
             red, nir = self.data
             with np.errstate(divide="ignore", invalid="ignore"):
                 return (nir - red) / (nir + red)
+        if self.kind == "rgb":  # an orthophoto, already 0..1
+            return np.nan_to_num(np.dstack(list(self.data)), nan=NODATA_GREY)
         rgb = [
             np.clip((b - lo) / (hi - lo), 0, 1)
             for b, (lo, hi) in zip(self.data, map(STRETCH.get, self.bands), strict=True)
@@ -627,3 +630,99 @@ def _write_geotiff(path: Path, chip: Chip) -> None:
             DATE=f"{chip.date:%Y-%m-%d}",
             UNITS="reflectance" if chip.kind != "ndvi" else "NDVI",
         )
+
+
+def key_chips(found: Sequence[Chip], limit: int = 6) -> list[tuple[str, Chip]]:
+    """The chips that show each marker event: the last usable picture before its date and the first
+    on or after it (usable = valid under the policy or used by a marker), as (caption, chip) pairs.
+
+    Without an event: the best `limit` chips by `rank_chips`, captioned with their date.
+    """
+    pictured = [c for c in found if c.data is not None]
+    usable = [c for c in pictured if c.valid or c.used] or pictured
+    pairs: list[tuple[str, Chip]] = []
+    for chip in found:
+        for label in chip.events:
+            main = chip.date
+            before = [c for c in usable if c.date < main]
+            after = [c for c in usable if c.date >= main] or [chip]
+            if before:
+                pairs.append((f"before {label}", before[-1]))
+            pairs.append((f"after {label}", after[0]))
+    if not pairs:
+        pairs = [(f"{c.date:%d %b}", c) for c in rank_chips(pictured, limit)]
+    return pairs[:limit]
+
+
+def background(run: RunLike, pid: int, buffer: float) -> Chip | None:
+    """A false-colour picture around the parcel for a location map: the scene where the parcel's
+    valid share is highest (a few are tried when reading fails); None without any imagery."""
+    done = open_run(run)
+    outline = gpd.GeoSeries([done.parcel(pid).geometry], crs=done.parcels.crs)
+    scenes = _scenes(done.catalogue, outline, None, None)
+    if scenes.empty:
+        return None
+    cloudy = _cloudy(done, pid, list(scenes["obsid"]))
+    order = sorted(scenes.itertuples(index=False), key=lambda s: cloudy.get(s.obsid, 1.0))
+    bounds, crs = _window_bounds(outline, buffer)
+    read = done.engine.plugins.caller(
+        done.config.source.plugin, "cbm_source_read_window", done.config.source.where
+    )
+    bands = KINDS["falsecolour"]
+    for scene in order[:BACKGROUND_TRIES]:
+        if any(b not in scene.bands for b in bands):
+            continue
+        try:
+            windows = [
+                read(config=done.config.source, band=scene.bands[b], bounds=bounds, crs=crs) for b in bands
+            ]
+            data, transform, chip_crs, _ = _stack(windows, [scene.bands[b] for b in bands])
+        except CbmError:
+            continue
+        if data is not None:
+            date = pd.Timestamp(scene.obstime).tz_convert(None)
+            return Chip(
+                date,
+                scene.obsid,
+                "falsecolour",
+                bands,
+                data,
+                transform,
+                chip_crs,
+                cloudy.get(scene.obsid),
+                bounds=bounds,
+            )
+    return None
+
+
+ORTHO_PIXELS = 512  # orthophoto pixels across a location map
+
+
+def orthophoto_chip(run: RunLike, pid: int, source: str, buffer: float) -> tuple[Chip | None, str]:
+    """The configured orthophoto (any raster GDAL opens: a file, a /vsicurl/ COG, a WMS XML) around
+    the parcel, as an RGB chip; (None, why) when it cannot be read, so the map says so in place."""
+    done = open_run(run)
+    outline = gpd.GeoSeries([done.parcel(pid).geometry], crs=done.parcels.crs)
+    bounds, crs = _window_bounds(outline, buffer)
+    transform = from_bounds(*bounds, ORTHO_PIXELS, ORTHO_PIXELS)
+    try:
+        with rasterio.open(source) as src:
+            count = min(src.count, 3)
+            target = np.zeros((count, ORTHO_PIXELS, ORTHO_PIXELS), dtype="float64")
+            reproject(
+                rasterio.band(src, list(range(1, count + 1))),
+                target,
+                dst_transform=transform,
+                dst_crs=crs,
+                dst_nodata=np.nan,
+                resampling=Resampling.bilinear,
+            )
+            top = 255.0 if src.dtypes[0] == "uint8" else float(np.nanmax(target)) or 1.0
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        return None, f"orthophoto {source} not available: {' '.join(str(exc).split())[:120]}"
+    if count < 3:
+        target = np.repeat(target[:1], 3, axis=0)
+    date = pd.Timestamp.now().normalize()
+    chip = Chip(date, "orthophoto", "rgb", ("R", "G", "B"), np.clip(target / top, 0, 1), transform, crs, None)
+    chip.bounds = bounds
+    return chip, ""

@@ -21,8 +21,10 @@ COMMANDS: list[click.Command] = []
 
 def _open(config: Path) -> Any:
     """The finished run of CONFIG, read by a quiet engine (plots and reports read, never extract)."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("plots, chips and reports need matplotlib: pip install 'cbm-engine[analyst]'")
+    if importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("jinja2") is None:
+        raise ConfigError(
+            "plots, chips and reports need matplotlib and jinja2: pip install 'cbm-engine[analyst]'"
+        )
     from cbm_plugins.analyst._plots import open_run
 
     return open_run(config, Engine(plugins=engine().plugins, progress=False))
@@ -89,10 +91,14 @@ def chips(
 @click.option("--flagged", is_flag=True, help="Report on every red and yellow parcel.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write to.")
 def report(config: Path, pids: tuple[int, ...], flagged: bool, out: Path) -> None:
-    """Parcel report (HTML + PDF) for PIDS, or --flagged parcels, of CONFIG's finished run.
+    """Field-visit report (HTML + PDF) on PIDS, or on the --flagged parcels, of CONFIG's run.
 
-    One page per parcel: declaration, verdict and reasons, marker results, time-series plots and
-    the chip calendar; what an inspector reads before a field visit.
+    A summary page (parcels by light, the reported parcels with their reason and a link, a
+    table of contents), then one A4 page per parcel: declaration, verdict and reasons, a location
+    map over a Sentinel-2 (or the configured orthophoto) background, the time series with the
+    marker events, and the chips before and after each event. The HTML is self-contained and
+    prints one page per parcel; the PDF has the same pages. `[analyst] templates = "folder/"` in
+    CONFIG overrides the Jinja2 templates (report.html.j2, report.css).
     """
     if bool(pids) == flagged:
         raise click.UsageError("give parcel ids or --flagged (not both)")
@@ -100,10 +106,10 @@ def report(config: Path, pids: tuple[int, ...], flagged: bool, out: Path) -> Non
     from cbm_plugins.analyst._report import flagged_pids, write_report
 
     chosen = flagged_pids(done) if flagged else list(pids)
-    if not chosen:
-        click.echo("no red or yellow parcel: nothing to report")
-        return
     html_path, pdf_path = write_report(done, chosen, out, name="flagged" if flagged else None)
+    if not chosen:
+        click.echo(f"no red or yellow parcel: the summary says so in {html_path} and {pdf_path}")
+        return
     click.echo(f"{len(chosen)} parcel(s): {html_path} and {pdf_path}")
 
 
