@@ -211,7 +211,7 @@ def validate_parcels(parcels: gpd.GeoDataFrame, what: str) -> gpd.GeoDataFrame:
         converted = pd.to_numeric(pid, errors="coerce")
         bad = pid[converted.isna() | (converted % 1 != 0)]
         if len(bad):
-            raise InputError(f"{what}: column pid must hold integers; bad value {bad.iloc[0]!r}")
+            raise InputError(f"{what}: column pid must hold integers; bad value {_plain(bad.iloc[0])!r}")
         parcels = parcels.assign(pid=converted.astype("int64"))
     parcels = parcels.assign(pid=parcels["pid"].astype("int64"))  # one pid dtype whatever the file format
     duplicated = parcels["pid"][parcels["pid"].duplicated()]
@@ -242,6 +242,11 @@ def _checked_geometries(parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     return parcels.assign(issue=issue).set_geometry(
         gpd.GeoSeries(geoms, index=parcels.index, crs=parcels.crs)
     )
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds, so messages show 2.5, not np.float64(2.5)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
