@@ -40,7 +40,8 @@ def folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("claims-server")
     (folder / "broken.gpkg").write_bytes(b"not a geopackage")
     broken = f'{{ plugin = "local", parcels = "{folder / "broken.gpkg"}", scenes = "{DEMO / "scenes.csv"}" }}'
-    down = '{ plugin = "postgis", dsn = "host=127.0.0.1 port=1 dbname=x user=u connect_timeout=1", reconnect_seconds = 0 }'
+    nowhere = "host=127.0.0.1 port=1 dbname=x user=u connect_timeout=1"
+    down = f'{{ plugin = "postgis", dsn = "{nowhere}", reconnect_seconds = 0 }}'
     (folder / "server.toml").write_text(
         '[server]\nusers = "users.json"\nchip_dir = "chips"\nmax_body_bytes = 2000\nmax_query_bytes = 600\n'
         + dataset("fl", LOCAL, '{ plugin = "parquet", path = "signatures" }')
@@ -48,8 +49,8 @@ def folder(tmp_path_factory) -> Path:
         + dataset("down", LOCAL, down)
     )  # fmt: skip
     write_users(folder / "users.json", {
-        "ann": make_user("ann", PASSWORD, ["fl", "broken", "down"]), "bob": make_user("bob", PASSWORD, ["nl"]),
-        "root": make_user("root", PASSWORD, ["*"]),
+        "ann": make_user("ann", PASSWORD, ["fl", "broken", "down"]),
+        "bob": make_user("bob", PASSWORD, ["nl"]), "root": make_user("root", PASSWORD, ["*"]),
     })  # fmt: skip
     return folder
 
