@@ -381,20 +381,16 @@ def _kernel(s_start, s_end, st, sv, sb, sc, c_start, c_end, ct, cv, corb, s1_kin
     floats = np.full((n_p, 4), np.nan)
     for p in numba.prange(n_p):
         w = slot[p]
-        # valid S2 observations in the season and its context, haze screened
-        n_ctx = 0
-        for i in range(s_start[p], s_end[p]):
-            if st[i] >= lo - CONTEXT_BEFORE_DAYS and st[i] <= hi + CONTEXT_AFTER_DAYS:
-                n_ctx += 1
-        idx0 = np.empty(n_ctx, np.int64)
-        q = 0
-        for i in range(s_start[p], s_end[p]):
-            if st[i] >= lo - CONTEXT_BEFORE_DAYS and st[i] <= hi + CONTEXT_AFTER_DAYS:
-                idx0[q] = i
-                q += 1
-        keep = _haze_screen(st[idx0], sv[idx0], sb[idx0], sc[idx0], kp)
-        idx = idx0[keep]
-        counts[p, 2] = n_ctx - len(idx)
+        # valid S2 observations in the season and its context (a contiguous, time-sorted range), haze screened
+        a0 = s_start[p]
+        while a0 < s_end[p] and st[a0] < lo - CONTEXT_BEFORE_DAYS:
+            a0 += 1
+        b0 = a0
+        while b0 < s_end[p] and st[b0] <= hi + CONTEXT_AFTER_DAYS:
+            b0 += 1
+        keep = _haze_screen(st[a0:b0], sv[a0:b0], sb[a0:b0], sc[a0:b0], kp)
+        idx = np.flatnonzero(keep) + a0
+        counts[p, 2] = b0 - a0 - len(idx)
         t = st[idx]
         v = sv[idx]
         m = len(idx)
@@ -602,8 +598,9 @@ def _results(
     max_gap = np.round(floats[:, 0], 1).tolist()
     noise = np.round(floats[:, 1], 4).tolist()
     thr = np.round(floats[:, 2], 4).tolist()
-    green = floats[:, 3]
-    green_date = [ts.to_date(g).isoformat() if np.isfinite(g) else None for g in green]
+    green = np.floor(np.nan_to_num(floats[:, 3], nan=-np.inf, neginf=-np.inf))
+    iso = {g: ts.to_date(g).isoformat() for g in np.unique(green[np.isfinite(green)]).tolist()}
+    green_date = [iso.get(g) for g in green.tolist()]  # one date string per distinct day
     n_all = n_all.tolist()
     n_coh = n_s1 if s1_kind == S1_COHERENCE else [0] * len(pids)
     out = []

@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from cbm_core.cli import cli
 from cbm_core.model import HIST_COLUMNS
-from markers._evaluate import confusion, evaluate_files, event_scores, match_events
-from markers._simulate import simulate
+from markers import _series as ts
+from markers import mowing
+from markers._evaluate import confusion, evaluate_files, event_scores, events_table, match_events
+from markers._simulate import PROFILES, simulate
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,88 @@ def test_simulation_is_tidy_sorted_and_reproducible(scenario):
     again = simulate(300, seed=7, swap_rate=0.1)
     pd.testing.assert_frame_equal(again.series.stats, stats)
     assert not simulate(300, seed=8).series.stats["mean"].equals(stats["mean"])
+
+
+# What bench/simulator.py measured on real grassland (flanders-seasons 2018/2019, flanders-2023,
+# worldcereal-fra-2023): the calibrated profile must land in these ranges, the original need not.
+REAL = {
+    "winter_ndvi": (0.59, 0.88),  # Jan-Feb NDVI of grassland, p10..p90
+    "ndvi_noise": (0.02, 0.035),  # robust spread of valid NDVI 1-6 days apart (dense 2018 series)
+    "haze_share": (0.035, 0.075),  # valid observations the haze screen removes (5.4-5.5 % real)
+    "s1_speckle_db": (0.9, 1.3),  # median spread of consecutive same-orbit VH dB differences
+    "s1_level_spread_db": 1.0,  # at least this spread (p90 - p10) of VH levels between parcels
+}
+
+
+def grass_statistics(scenario) -> dict:
+    """The calibration statistics (as bench/simulator.py measures them) of a scenario's grassland."""
+    grass = set(scenario.actual_crop.index[scenario.actual_crop == "grassland"].tolist())
+    _, valid = mowing._s2_series(scenario.series, mowing.DEFAULTS)
+    kp = mowing.kernel_params(mowing.DEFAULTS)
+    lo, hi = ts.day_number("2023-04-01"), ts.day_number("2023-10-31")
+    winter, noise, hazy, n_valid = [], [], 0, 0
+    for k, pid in enumerate(valid.pids.tolist()):
+        if pid not in grass:
+            continue
+        a, b = valid.offsets[k], valid.offsets[k + 1]
+        t, v = valid.t[a:b], valid.values["NDVI"][a:b]
+        winter.append(np.median(v[t < ts.day_number("2023-03-01")]))
+        keep = mowing._haze_screen(t, v, valid.values["B02"][a:b], 1 - valid.cloudy[a:b], kp)
+        season = (t >= lo) & (t <= hi)
+        hazy += int((~keep & season).sum())
+        n_valid += int(season.sum())
+        close = np.diff(t[keep & season]) <= 6
+        noise.append(1.4826 / np.sqrt(2) * np.median(np.abs(np.diff(v[keep & season])[close])))
+    vh = ts.build_panel(scenario.series.stats, "bs", ("VH",))
+    db = 10 * np.log10(vh.values["VH"])
+    speckle, level = [], []
+    for k, pid in enumerate(vh.pids.tolist()):
+        if pid in grass:
+            a, b = vh.offsets[k], vh.offsets[k + 1]
+            orbit = vh.orbit[a:b]
+            speckle.append(np.std(np.diff(db[a:b][orbit == orbit[0]])))
+            level.append(np.median(db[a:b]))
+    return {
+        "winter_ndvi": np.median(winter),
+        "ndvi_noise": np.median(noise),
+        "haze_share": hazy / n_valid,
+        "s1_speckle_db": np.median(speckle),
+        "s1_level_spread_db": np.percentile(level, 90) - np.percentile(level, 10),
+    }
+
+
+def test_the_calibrated_profile_matches_the_real_series_and_the_original_does_not():
+    calibrated = grass_statistics(simulate(400, seed=3, profile="flanders"))
+    for key in ("winter_ndvi", "ndvi_noise", "haze_share", "s1_speckle_db"):
+        low, high = REAL[key]
+        assert low <= calibrated[key] <= high, (key, calibrated[key])
+    assert calibrated["s1_level_spread_db"] >= REAL["s1_level_spread_db"]
+    original = grass_statistics(simulate(400, seed=3, profile="default"))
+    assert original["winter_ndvi"] < REAL["winter_ndvi"][0]  # dormant winters, not Flanders grass
+    assert original["haze_share"] < REAL["haze_share"][0]
+    assert original["s1_level_spread_db"] < REAL["s1_level_spread_db"]
+
+
+def test_profiles_are_named_and_the_original_is_the_default():
+    assert set(PROFILES) == {"default", "flanders"}
+    with pytest.raises(ValueError, match="unknown simulator profile 'alps'"):
+        simulate(10, profile="alps")
+    a = simulate(50, seed=1)
+    b = simulate(50, seed=1, profile="default")
+    pd.testing.assert_frame_equal(a.series.stats, b.series.stats)
+    c = simulate(50, seed=1, profile="flanders")
+    assert not c.series.stats["mean"].equals(a.series.stats["mean"])
+
+
+def test_calibrated_cuts_regrow_slower_and_are_harder_to_find():
+    # regrowth: 30-50 % of a cut's NDVI deficit back after 3-5 weeks on real Flanders grassland
+    for profile, (low, high) in (("flanders", (15, 35)), ("default", (8, 14))):
+        assert PROFILES[profile].regrowth_tau == (low, high)
+    scenario = simulate(600, seed=4, profile="flanders")
+    grass = scenario.actual_crop.index[scenario.actual_crop == "grassland"]
+    truth = scenario.truth[scenario.truth["kind"] == "mowing"]
+    marker = event_scores(truth, events_table(mowing.run(scenario.series, {})), 12, pids=grass)
+    assert 0.7 <= marker["f1"] <= 0.95, marker  # harder than the original (0.90), still useful
 
 
 def test_scl_histograms_label_clouds(scenario):
