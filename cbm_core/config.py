@@ -34,7 +34,7 @@ DEFAULT_STORE = "parquet"  # the signature store when a configuration has no [st
 RUN_VALUES = frozenset({"scheme"})  # top-level keys of a run configuration that are values, not tables
 SERVER_KEYS: dict[str, frozenset[str]] = {  # a `cbm serve` configuration (limits: see the server plugin)
     "server": frozenset({"users", "chip_dir"}),
-    "dataset": frozenset({"aoi", "year", "source", "store", "results", "verdicts"}),
+    "dataset": frozenset({"aoi", "year", "source", "store", "results", "verdicts", "meteo", "backgrounds"}),
 }
 
 

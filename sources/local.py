@@ -25,7 +25,9 @@ from sources._catalogue import catalogue_frame, scenes_from_band_rows
 from sources._raster import raster_footprint, read_window
 
 # The [source] options it reads (anything else is refused as a likely typo).
-CBM_OPTIONS = frozenset({"parcels", "layer", "pid_column", "crop_code_column", "crop_name_column", "scenes"})
+CBM_OPTIONS = frozenset(
+    {"parcels", "layer", "pid_column", "crop_code_column", "crop_name_column", "parcel_code_column", "scenes"}
+)
 
 PARCEL_SUFFIXES = {".gpkg", ".parquet", ".geoparquet", ".shp", ".geojson", ".json", ".fgb"}
 
@@ -41,6 +43,7 @@ def cbm_source_parcels(
         crop_code_column=config.get("crop_code_column"),
         crop_name_column=config.get("crop_name_column"),
         bbox=bbox,
+        parcel_code_column=config.get("parcel_code_column"),
     )
 
 
@@ -63,8 +66,12 @@ def read_parcel_file(
     crop_code_column: str | None = None,
     crop_name_column: str | None = None,
     bbox: tuple[float, float, float, float] | None = None,
+    parcel_code_column: str | None = None,
 ) -> gpd.GeoDataFrame:
     """Read a parcel file and map its columns onto the parcel model (pid, crop_code, crop_name).
+
+    With parcel_code_column, the member state's own (often alphanumeric) parcel id is kept as an
+    extra text column ``parcel_code`` (the REST API answers with it as the JRC text pid).
 
     With bbox (EPSG:4326), only the parcels whose extent meets it are kept (read through the file's
     spatial index; a GeoParquet file without a bbox column is read whole, then filtered).
@@ -84,7 +91,8 @@ def read_parcel_file(
             frame = gpd.read_file(path, layer=layer, bbox=_bbox_in(bbox, crs))
     except Exception as exc:  # pyogrio/pyarrow raise many types for unreadable files
         raise InputError(f"{path}: cannot read parcels ({exc})") from None
-    columns = {"pid": pid_column, "crop_code": crop_code_column, "crop_name": crop_name_column}
+    columns = {"pid": pid_column, "crop_code": crop_code_column, "crop_name": crop_name_column,
+               "parcel_code": parcel_code_column}  # fmt: skip
     for target, source in columns.items():
         if source is not None and source not in frame.columns:
             raise InputError(
@@ -102,6 +110,8 @@ def read_parcel_file(
         geometry=frame.geometry.values,
         crs=frame.crs,
     )
+    if parcel_code_column is not None:
+        parcels.insert(3, "parcel_code", frame[parcel_code_column].astype("string").to_numpy())
     return validate_parcels(parcels, str(path))
 
 

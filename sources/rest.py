@@ -56,6 +56,8 @@ CBM_OPTIONS = frozenset(
 )  # fmt: skip
 
 _SESSIONS = threading.local()
+OUR_CONVENTIONS = {"bandnames": "cbm", "values": "reflectance"}  # parcelTimeSeries options of cbm serve
+JRC_DN_PER_REFLECTANCE = 10_000.0  # JRC time series give S2 values as DN = reflectance x 10000
 
 
 # HTTP --------------------------------------------------------------------------------------------
@@ -183,11 +185,9 @@ def cbm_source_signatures(config: PluginConfig, pids: Sequence[int] | None) -> T
 
     def one(job: tuple[int, str]) -> tuple[int, str, dict]:
         pid, tstype = job
-        return (
-            pid,
-            tstype,
-            query(config, "parcelTimeSeries", {**_dataset(config), "pid": pid, "tstype": tstype}),
-        )
+        # cbm servers answer in our names and units when asked; JRC servers ignore the request
+        params = {**_dataset(config), "pid": pid, "tstype": tstype, "scl": "False", **OUR_CONVENTIONS}
+        return pid, tstype, query(config, "parcelTimeSeries", params)
 
     stats_parts, scl_parts = [], []
     for pid, tstype, answer in _parallel(config, one, jobs):
@@ -203,6 +203,8 @@ def cbm_source_signatures(config: PluginConfig, pids: Sequence[int] | None) -> T
         frame = pd.DataFrame({"pid": pid, "obsid": obsid, "band": answer["band"]})
         for name in STATS:
             frame[name] = np.asarray([np.nan if v is None else v for v in answer[name]], dtype=np.float64)
+        if "obsid" not in answer:  # a JRC server: its band names and S2 digital numbers
+            frame = _from_jrc(frame, tstype)
         frame["count"] = frame["count"].fillna(0).astype("int64")
         frame["obstime"], frame["card"] = obstime, tstype
         frame["orbit"] = answer.get("orbit") or [None] * len(frame)
@@ -214,6 +216,19 @@ def cbm_source_signatures(config: PluginConfig, pids: Sequence[int] | None) -> T
     )
     scl = scl.astype({"obsid": object}).sort_values(["pid", "obstime"], ignore_index=True)
     return TimeSeries(stats, scl, parcels.sort_values("pid", ignore_index=True))
+
+
+def _from_jrc(frame: pd.DataFrame, tstype: str) -> pd.DataFrame:
+    """JRC conventions to ours: VVb/VHc -> VV/VH, SC -> SCL, S2 DN -> reflectance."""
+    bands = frame["band"].astype(str)
+    s1 = bands.str.fullmatch(r"V[VH][bc]")
+    frame["band"] = np.where(s1, bands.str[:2], np.where(bands == "SC", "SCL", bands))
+    if tstype == "s2":
+        reflectance = frame["band"] != "SCL"
+        for name in STATS:
+            if name != "count":
+                frame.loc[reflectance, name] = frame.loc[reflectance, name] / JRC_DN_PER_REFLECTANCE
+    return frame
 
 
 def _scl_rows(
@@ -270,7 +285,7 @@ def cbm_source_catalogue(config: PluginConfig) -> gpd.GeoDataFrame:
         for when, chip, obsid, card, orbit in zip(
             answer["dates"], answer["chips"], answer["obsids"], answer["cards"], answer["orbits"], strict=True
         ):
-            first = {"obsid": obsid, "obstime": pd.Timestamp(when).tz_convert("UTC"), "sensor": "",
+            first = {"obsid": obsid, "obstime": _utc(when), "sensor": "",
                      "card": card, "orbit": orbit, "bands": {}}  # fmt: skip
             scene = scenes.setdefault(obsid, first)
             scene["bands"][band] = BandRef(_absolute(config, chip))
@@ -279,6 +294,12 @@ def cbm_source_catalogue(config: PluginConfig) -> gpd.GeoDataFrame:
     )
     catalogue = gpd.GeoDataFrame(frame, geometry=[None] * len(frame), crs="EPSG:4326")
     return catalogue.sort_values(["obstime", "obsid"], ignore_index=True)
+
+
+def _utc(when: str) -> pd.Timestamp:
+    """A chip date label (JRC YYYYMMDDTHHMMSS, in UTC, or ISO with a zone) as a UTC time."""
+    stamp = pd.Timestamp(when)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
 def _chip_area(config: PluginConfig, parcels: gpd.GeoDataFrame) -> tuple[float, float, float]:

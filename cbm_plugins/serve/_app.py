@@ -10,13 +10,26 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from cbm_core.plugins import PluginManager, load_plugins
-from cbm_plugins.serve import _routes_chips, _routes_parcels, _routes_results, _routes_series
+from cbm_plugins.serve import (
+    _routes_chips,
+    _routes_info,
+    _routes_parcels,
+    _routes_results,
+    _routes_series,
+)
 from cbm_plugins.serve._config import CONFIG_ENV, ServerConfig, check_plugins, load_server_config
 from cbm_plugins.serve._datasets import Datasets
+from cbm_plugins.serve._files import Files
 from cbm_plugins.serve._http import SizeLimit, install_error_handlers
 from cbm_plugins.serve._users import Authenticator
 
-ROUTERS = (_routes_parcels.router, _routes_series.router, _routes_chips.router, _routes_results.router)
+ROUTERS = (
+    _routes_info.router,
+    _routes_parcels.router,
+    _routes_series.router,
+    _routes_chips.router,
+    _routes_results.router,
+)
 
 
 def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> FastAPI:
@@ -29,7 +42,8 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
         version="1.0",
         description="JRC CbM-compatible queries (column-oriented JSON) plus marker results and verdicts.",
     )
-    app.state.datasets = Datasets(config.datasets, manager, config.limits, config.chip_dir)
+    files = Files(config.chip_dir, config.signing_key)
+    app.state.datasets = Datasets(config.datasets, manager, config.limits, files)
     app.state.authenticator = Authenticator(config.users)
     app.add_middleware(
         SizeLimit,

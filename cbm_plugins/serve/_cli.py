@@ -9,7 +9,13 @@ from pathlib import Path
 import click
 
 from cbm_core.errors import CbmError, InputError
-from cbm_plugins.serve._config import CHIP_DIR_ENV, CONFIG_ENV, check_plugins, load_server_config
+from cbm_plugins.serve._config import (
+    CHIP_DIR_ENV,
+    CONFIG_ENV,
+    SIGNING_KEY_ENV,
+    check_plugins,
+    load_server_config,
+)
 from cbm_plugins.serve._users import ALL_AOIS, make_user, read_users, write_users
 
 
@@ -30,6 +36,7 @@ def serve_command(config: Path, host: str, port: int, workers: int) -> None:
         click.echo(f"warning: no users file {settings.users}: add users with `cbm users add`", err=True)
     os.environ[CONFIG_ENV] = str(settings.path)
     os.environ[CHIP_DIR_ENV] = str(settings.chip_dir)  # one chip folder shared by every worker
+    os.environ[SIGNING_KEY_ENV] = settings.signing_key.hex()  # links signed by one worker, served by any
     uvicorn.run(
         "cbm_plugins.serve._app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
         log_level="warning", limit_concurrency=512, timeout_keep_alive=30, server_header=False,

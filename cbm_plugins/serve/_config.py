@@ -10,7 +10,7 @@
     max_polygon_km2 = 100
     max_parcels = 100           # parcelsByPolygon answers at most this many
     max_chipsize = 5120         # metres
-    max_chips = 24              # chips per request (dates x bands)
+    max_chips = 300             # chips per request (dates x bands): a season of S2 for 4 bands
     chip_dir = "chips"          # default: a temporary folder
 
     [[dataset]]
@@ -20,6 +20,9 @@
     store = { plugin = "postgis", dsn = "..." }    # signatures
     results = "out/markers.parquet"                # optional, written by `cbm run`
     verdicts = "out/verdicts.csv"                  # optional
+    meteo = { plugin = "meteo", path = "agera5.csv" }        # optional: weatherTimeSeries
+    [dataset.backgrounds]                                    # optional: backgroundByLocation tms=...
+    google = { plugin = "tiles", url = "https://.../{z}/{x}/{y}.png", zoom = 18, attribution = "..." }
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbm_core.config import RUN_KEYS, SERVER_KEYS, check_keys, check_table, plugin_config, read_toml, tables
@@ -46,8 +50,14 @@ LIMIT_DEFAULTS = {
     "max_polygon_km2": 100.0,
     "max_parcels": 100,
     "max_chipsize": 5120.0,
-    "max_chips": 24,
+    "max_chips": 300,
 }
+SIGNING_KEY_ENV = "CBM_SERVER_SIGNING_KEY"  # hex; `cbm serve` makes one that all its workers share
+
+
+def _signing_key() -> bytes:
+    text = os.environ.get(SIGNING_KEY_ENV)
+    return bytes.fromhex(text) if text else secrets.token_bytes(32)
 
 
 @dataclass
@@ -57,6 +67,7 @@ class ServerConfig:
     datasets: list[Dataset]
     limits: dict[str, float]
     chip_dir: Path
+    signing_key: bytes = field(default_factory=_signing_key, repr=False)
 
 
 def load_server_config(path: Path) -> ServerConfig:
@@ -83,6 +94,9 @@ def load_server_config(path: Path) -> ServerConfig:
         for key in ("aoi", "year", "source", "store"):
             if key not in table:
                 raise ConfigError(f"{where}: missing '{key}'")
+        backgrounds = table.get("backgrounds", {})
+        if not isinstance(backgrounds, dict):
+            raise ConfigError(f"{where}: backgrounds must be a table of name = {{ plugin = ... }}")
         if not re.match(AOI, str(table["aoi"])):
             raise ConfigError(f"{where}: aoi {table['aoi']!r} must be 1-32 letters, digits, _ or -")
         datasets.append(
@@ -93,6 +107,11 @@ def load_server_config(path: Path) -> ServerConfig:
                 store=plugin_config(table["store"], f"{where} store", base, keys=RUN_KEYS["store"]),
                 results=base / table["results"] if "results" in table else None,
                 verdicts=base / table["verdicts"] if "verdicts" in table else None,
+                meteo=plugin_config(table["meteo"], f"{where} meteo", base) if "meteo" in table else None,
+                backgrounds={
+                    str(name).lower(): plugin_config(spec, f"{where} backgrounds.{name}", base)
+                    for name, spec in backgrounds.items()
+                },
             )
         )
     keys = [d.key for d in datasets]
@@ -116,6 +135,12 @@ def check_plugins(config: ServerConfig, plugins: PluginManager) -> None:
         plugins.caller(dataset.store.plugin, "cbm_store_read", dataset.store.where)
         plugins.check_options(dataset.source)
         plugins.check_options(dataset.store)
+        if dataset.meteo is not None:
+            plugins.caller(dataset.meteo.plugin, "cbm_source_weather", dataset.meteo.where)
+            plugins.check_options(dataset.meteo)
+        for background in dataset.backgrounds.values():
+            plugins.caller(background.plugin, "cbm_source_orthophoto", background.where)
+            plugins.check_options(background)
 
 
 def _year(value: object, where: str) -> int:

@@ -11,16 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
+import numpy as np
 import pandas as pd
 import shapely
 
 from cbm_core.config import PluginConfig
 from cbm_core.plugins import PluginManager
+from cbm_plugins.serve._files import Files
 from cbm_plugins.serve._http import ApiError
 from cbm_plugins.serve._users import User
 
 AOI = r"^[A-Za-z0-9_-]{1,32}$"
+PID_MIN, PID_MAX = -(2**63), 2**63 - 1
 EPOCH = pd.Timestamp(0, tz="UTC")
+EXTENT_MARGIN = 0.05  # degrees (~5 km) around a dataset's parcels that still count as its area
 CATALOGUE_TTL = 300.0  # seconds before a dataset's scene list is read again (new scenes appear)
 
 
@@ -38,9 +42,13 @@ class Dataset:
     store: PluginConfig
     results: Path | None = None
     verdicts: Path | None = None
+    meteo: PluginConfig | None = None
+    backgrounds: dict[str, PluginConfig] = field(default_factory=dict)
     plugins: PluginManager | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _parcels: gpd.GeoDataFrame | None = field(default=None, repr=False)
+    _codes: dict[str, int] | None = field(default=None, repr=False)
+    _extent: tuple[float, float, float, float] | None = field(default=None, repr=False)
     _catalogue: tuple[float, gpd.GeoDataFrame, pd.DataFrame] | None = field(default=None, repr=False)
     _files: dict[Path, tuple[int, pd.DataFrame]] = field(default_factory=dict, repr=False)
 
@@ -61,8 +69,43 @@ class Dataset:
                 frame = self.hook(self.source, "cbm_source_parcels")(config=self.source)
                 frame.index = frame["pid"].to_numpy()
                 frame.sindex  # noqa: B018 - build the spatial index once, under the lock
+                if "parcel_code" in frame.columns:
+                    self._codes = dict(
+                        zip(frame["parcel_code"].astype(str), frame["pid"].tolist(), strict=True)
+                    )
                 self._parcels = frame
             return self._parcels
+
+    def extent(self) -> tuple[float, float, float, float]:
+        """The parcels' bounds in WGS84 (minx, miny, maxx, maxy)."""
+        if self._extent is None:
+            frame = self.parcels()
+            self._extent = tuple(
+                gpd.GeoSeries([shapely.box(*frame.total_bounds)], crs=frame.crs).to_crs(4326).total_bounds
+            )
+        return self._extent
+
+    def pid_of(self, text: str) -> int | None:
+        """The integer pid of a text parcel id (None when there is no such parcel id).
+
+        The API speaks JRC text ids; the engine keys parcels by int64. A source that keeps the
+        member state's own ids (a ``parcel_code`` column) is looked up by them; otherwise the text
+        is the decimal integer pid.
+        """
+        self.parcels()
+        if self._codes is not None:
+            return self._codes.get(text)
+        if not (text.isascii() and text.lstrip("-").isdigit()):
+            return None
+        number = int(text)
+        return number if PID_MIN <= number <= PID_MAX else None
+
+    def text_ids(self, pids: Any) -> list[str]:
+        """The text ids the API answers with for some integer pids."""
+        frame = self.parcels()
+        if self._codes is not None:
+            return frame["parcel_code"].reindex(np.asarray(pids, dtype=np.int64)).astype(str).tolist()
+        return [str(p) for p in np.asarray(pids).tolist()]
 
     def parcel(self, pid: int) -> pd.Series:
         """One parcel's row (404 when the dataset has no such parcel)."""
@@ -108,11 +151,11 @@ class Datasets:
     dataset here."""
 
     def __init__(
-        self, datasets: Sequence[Dataset], plugins: PluginManager, limits: dict[str, float], chip_dir: Path
+        self, datasets: Sequence[Dataset], plugins: PluginManager, limits: dict[str, float], files: Files
     ) -> None:
         self.all = list(datasets)
         self.limits = limits
-        self.chip_dir = chip_dir
+        self.files = files
         self._by_key = {d.key: d for d in self.all}
         for found in self.all:
             found.plugins = plugins
@@ -143,3 +186,16 @@ class Datasets:
                 if scenes.geometry.isna().all() or scenes.geometry.intersects(point).any():
                     return found
         raise ApiError(404, "no dataset you may read has scenes at this location")
+
+    def with_parcels_at(self, who: User, lon: float, lat: float) -> Dataset:
+        """For clients that send no aoi: the first dataset `who` may read whose parcels' extent
+        (with a margin of BACKGROUND_MARGIN degrees) holds the location."""
+        for found in self.all:
+            if who.may_read(found.aoi):
+                minx, miny, maxx, maxy = found.extent()
+                if (
+                    minx - EXTENT_MARGIN <= lon <= maxx + EXTENT_MARGIN
+                    and miny - EXTENT_MARGIN <= lat <= maxy + EXTENT_MARGIN
+                ):
+                    return found
+        raise ApiError(404, "no dataset you may read covers this location")

@@ -12,32 +12,36 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from cbm_plugins.serve._auth import Who
+from cbm_plugins.serve._datasets import Dataset
 from cbm_plugins.serve._http import ApiError, columns
 from cbm_plugins.serve._params import Aoi, Lat, Legacy, Lon, Pid, Served, Year, the_pid
 
 PEER_MIN_AREA = 3000.0  # m²: JRC peers leave out parcels too small for a clean signature
+MAX_PEERS = 10_000  # as JRC
+MAX_PEER_DISTANCE = 50_000.0  # m: one spatial-index query stays small
 
 router = APIRouter(tags=["parcels"])
 Ptype = Annotated[str, Query(max_length=8)]
 
 
-def describe(rows: gpd.GeoDataFrame, geometry: bool, wgs84: bool, legacy: bool) -> Response:
-    """The JRC parcel columns of some rows: pid, cropname, cropcode, srid, area, clon, clat [, geom]."""
+def describe(ds: Dataset, rows: gpd.GeoDataFrame, geometry: bool, wgs84: bool, legacy: bool) -> Response:
+    """The JRC parcel columns of some rows: pid (text), cropname, cropcode, srid (the parcels' own,
+    as JRC, also when wgs84 is set), area (whole m², EPSG:3035), clon, clat [, geom]."""
     crs = rows.crs
     srid = crs.to_epsg() if crs is not None else None
-    in_wgs84 = rows.geometry.to_crs("EPSG:4326") if len(rows) else rows.geometry
-    centroids = rows.geometry.centroid.to_crs("EPSG:4326") if len(rows) else rows.geometry
+    some = len(rows) > 0
+    centroids = rows.geometry.centroid.to_crs("EPSG:4326") if some else rows.geometry
     data: dict[str, Any] = {
-        ("ogc_fid" if legacy else "pid"): rows["pid"].to_numpy(),
+        ("ogc_fid" if legacy else "pid"): ds.text_ids(rows["pid"].to_numpy()),
         "cropname": rows["crop_name"].astype(str).to_numpy(),
         "cropcode": rows["crop_code"].astype(str).to_numpy(),
-        "srid": [4326 if wgs84 else srid] * len(rows),
-        "area": rows.geometry.to_crs("EPSG:3035").area.round(2).to_numpy() if len(rows) else [],
-        "clon": centroids.x.round(6).to_numpy() if len(rows) else [],
-        "clat": centroids.y.round(6).to_numpy() if len(rows) else [],
+        "srid": [srid] * len(rows),
+        "area": rows.geometry.to_crs("EPSG:3035").area.round().astype(np.int64).to_numpy() if some else [],
+        "clon": centroids.x.to_numpy() if some else [],
+        "clat": centroids.y.to_numpy() if some else [],
     }
     if geometry:
-        shapes = in_wgs84 if wgs84 else rows.geometry
+        shapes = (rows.geometry.to_crs("EPSG:4326") if some else rows.geometry) if wgs84 else rows.geometry
         data["geom"] = [shapely.to_geojson(g) for g in shapes.values]
     return columns(data)
 
@@ -70,10 +74,11 @@ def parcel_by_location(
     ptype: Ptype = "", withGeometry: bool = False, wgs84: bool = False,
 ) -> Response:  # fmt: skip
     """The parcel at a WGS84 location: pid, cropname, cropcode, srid, area (m², EPSG:3035), clon, clat."""
-    frame = data.lookup(who, aoi, year, parcels).parcels()
+    ds = data.lookup(who, aoi, year, parcels)
+    frame = ds.parcels()
     point = gpd.GeoSeries([shapely.Point(lon, lat)], crs="EPSG:4326").to_crs(frame.crs).iloc[0]
     hits = frame.iloc[np.sort(frame.sindex.query(point, predicate="intersects"))[:1]]
-    return describe(hits, withGeometry, wgs84, legacy=parcels is not None)
+    return describe(ds, hits, withGeometry, wgs84, legacy=parcels is not None)
 
 
 @router.get("/query/parcelByID")
@@ -83,10 +88,10 @@ def parcel_by_id(
 ) -> Response:  # fmt: skip
     """One parcel by id: pid, cropname, cropcode, srid, area, clon, clat [, geom as GeoJSON]."""
     ds = data.lookup(who, aoi, year, parcels)
-    pid, legacy = the_pid(pid, ogc_fid)
+    number, legacy = the_pid(ds, pid, ogc_fid)
     frame = ds.parcels()
-    rows = frame.loc[[pid]] if pid in frame.index else frame.iloc[:0]
-    return describe(rows, withGeometry, wgs84, legacy=legacy or parcels is not None)
+    rows = frame.loc[[number]] if number is not None and number in frame.index else frame.iloc[:0]
+    return describe(ds, rows, withGeometry, wgs84, legacy=legacy or parcels is not None)
 
 
 @router.get("/query/parcelsByPolygon")
@@ -105,27 +110,32 @@ def parcels_by_polygon(
     hits = frame.iloc[np.sort(frame.sindex.query(local, predicate="intersects"))]
     hits = hits.sort_values("pid").iloc[: int(limits["max_parcels"])]
     if only_ids and not withGeometry:
-        return columns({"ogc_fid" if parcels is not None else "pid": hits["pid"].to_numpy()})
-    return describe(hits, withGeometry, wgs84, legacy=parcels is not None)
+        return columns({"ogc_fid" if parcels is not None else "pid": ds.text_ids(hits["pid"].to_numpy())})
+    return describe(ds, hits, withGeometry, wgs84, legacy=parcels is not None)
 
 
 @router.get("/query/parcelPeers")
 def parcel_peers(
     who: Who, data: Served, aoi: Aoi = None, year: Year = None, parcels: Legacy = None, pid: Pid = None,
-    ogc_fid: Pid = None, distance: Annotated[float, Query(gt=0, le=50_000)] = 2000,
-    max: Annotated[int, Query(ge=1, le=100)] = 10,
+    ogc_fid: Pid = None, distance: Annotated[float, Query(gt=0, le=MAX_PEER_DISTANCE)] = 2000,
+    max: Annotated[int, Query(ge=1, le=MAX_PEERS)] = 10, ptype: Ptype = "",
 ) -> Response:  # fmt: skip
-    """Parcels of the same crop (area > 3000 m²) within distance metres, nearest first: pids, distance."""
+    """Parcels of the same crop (area > 3000 m²) within distance metres of the parcel's outline
+    (polygon to polygon, as JRC), nearest first: pids, distance. An unknown pid: empty columns."""
     ds = data.lookup(who, aoi, year, parcels)
-    pid, _ = the_pid(pid, ogc_fid)
-    row = ds.parcel(pid)
+    number, _ = the_pid(ds, pid, ogc_fid)
     frame = ds.parcels()
+    if number is None or number not in frame.index:
+        return columns({"pids": [], "distance": []})
+    row = frame.loc[number]
     projected = frame.crs is not None and frame.crs.is_projected
     geoms = frame.geometry if projected else frame.geometry.to_crs("EPSG:3035")
-    target = geoms.loc[pid]
+    target = geoms.loc[number]
     near = frame.iloc[frame.sindex.query(target.buffer(distance))] if projected else frame
-    same = near[(near["crop_name"] == row["crop_name"]) & (near["pid"] != pid)]
+    same = near[(near["crop_name"] == row["crop_name"]) & (near["pid"] != number)]
     large = same.geometry.to_crs("EPSG:3035").area > PEER_MIN_AREA
-    dist = geoms.loc[same.index].centroid.distance(target.centroid)
+    dist = geoms.loc[same.index].distance(target)
     chosen = dist[large & (dist <= distance)].sort_values(kind="stable").iloc[:max]
-    return columns({"pids": chosen.index.to_numpy(np.int64), "distance": chosen.round(2).to_numpy()})
+    return columns(
+        {"pids": ds.text_ids(chosen.index.to_numpy(np.int64)), "distance": chosen.round(2).to_numpy()}
+    )

@@ -1,8 +1,15 @@
-"""parcelTimeSeries: the signatures of one parcel (the hottest route: plain numpy, no pandas masks)."""
+"""parcelTimeSeries: the signatures of one parcel (the hottest route: plain numpy, no pandas masks).
+
+JRC conventions by default, so that the JRC client and its plots work unchanged: ``scl=True``
+(every S2 row carries its SCL histogram), S1 band names VVb/VHb (backscatter) and VVc/VHc
+(coherence), the SCL band as SC, S2 values in DN (reflectance x 10000), date_part as a float.
+``bandnames=cbm`` and ``values=reflectance`` give the engine's own names and values.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -15,6 +22,11 @@ from cbm_plugins.serve._http import columns
 from cbm_plugins.serve._params import Aoi, Legacy, Pid, Served, Year, the_pid
 
 TS_COLUMNS = ("date_part", "band", "count", "mean", "std", "min", "p25", "p50", "p75", "max")
+VALUE_COLUMNS = ("mean", "std", "min", "p25", "p50", "p75", "max")
+DN_PER_REFLECTANCE = 10_000.0  # S2 L2A quantification value: DN = reflectance x 10000 (BOA offset removed)
+SCL_BAND = "SCL"
+JRC_SUFFIX = {"bs": "b", "c6": "c"}  # VV -> VVb (backscatter), VVc (coherence)
+JRC_BANDS = {SCL_BAND: "SC"}
 
 router = APIRouter(tags=["time series"])
 
@@ -28,45 +40,81 @@ def scl_hists(scl: pd.DataFrame, scenes: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["epoch"].notna()].astype({"epoch": "int64"})
 
 
+def store_band(band: str, tstype: str) -> str:
+    """Our band name for a requested one (JRC VVb/VHc/SC or ours)."""
+    if tstype in JRC_SUFFIX and band[-1:] == JRC_SUFFIX[tstype] and band[:-1] in ("VV", "VH"):
+        return band[:-1]
+    return SCL_BAND if band == JRC_BANDS[SCL_BAND] else band
+
+
+def jrc_names(bands: np.ndarray, tstype: str) -> np.ndarray:
+    """JRC band names: S1 bands get their card's suffix, SCL becomes SC."""
+    suffix = JRC_SUFFIX.get(tstype, "")
+    names = {b: (f"{b}{suffix}" if suffix else JRC_BANDS.get(b, b)) for b in set(bands.tolist())}
+    return np.asarray([names[b] for b in bands.tolist()], dtype=object)
+
+
+def answer(data: dict[str, Any], tsformat: str) -> Response:
+    if tsformat == "csv":
+        frame = pd.DataFrame(
+            {k: [json.dumps(v) if isinstance(v, dict) else v for v in vs] for k, vs in data.items()}
+        )
+        return Response(frame.to_csv(index=False), media_type="text/csv")
+    return columns(data)
+
+
 @router.get("/query/parcelTimeSeries")
 def parcel_time_series(
     who: Who, data: Served, aoi: Aoi = None, year: Year = None, parcels: Legacy = None, pid: Pid = None,
     ogc_fid: Pid = None, tstype: Literal["s2", "bs", "c6", "scl"] = "s2",
     band: Annotated[str, Query(pattern=r"^[A-Za-z0-9_]{0,16}$")] = "",
-    scl: bool = False, ptype: Annotated[str, Query(max_length=8)] = "",
+    scl: bool = True, ref: bool = False, tsformat: Literal["json", "csv"] = "json",
+    bandnames: Literal["jrc", "cbm"] = "jrc", values: Literal["dn", "reflectance"] = "dn",
+    ptype: Annotated[str, Query(max_length=8)] = "",
 ) -> Response:  # fmt: skip
     """Signatures of one parcel: date_part (epoch s), band, count, mean, std, min, p25, p50, p75, max
-    [, hist]; tstype=scl gives date_part and hist. Extra columns: obsid, orbit."""
+    [, hist with scl=True (S2 only), reference with ref=True]; tstype=scl gives date_part and hist.
+    Extra columns: obsid, orbit. An unknown parcel: empty columns."""
     ds = data.lookup(who, aoi, year, parcels)
-    pid, _ = the_pid(pid, ogc_fid)
+    number, _ = the_pid(ds, pid, ogc_fid)
+    if number is None:  # as JRC: an unknown parcel has no rows
+        return answer({c: [] for c in (TS_COLUMNS if tstype != "scl" else ("date_part", "hist"))}, tsformat)
     scenes = ds.scene_facts()
     card = "s2" if tstype == "scl" else tstype
-    wants_hists = tstype == "scl" or scl
+    wants_hists = tstype == "scl" or (scl and tstype == "s2")  # JRC: S1 series carry no histograms
     signatures = ds.hook(ds.store, "cbm_store_read")(
-        config=ds.store, pids=[pid], obsids=None, bands=[band] if band and tstype != "scl" else None,
-        scl=wants_hists,
+        config=ds.store, pids=[number], obsids=None,
+        bands=[store_band(band, tstype)] if band and tstype != "scl" else None, scl=wants_hists,
     )  # fmt: skip
     hists = scl_hists(signatures.scl, scenes) if wants_hists else None
     if tstype == "scl":
         order = np.argsort(hists["epoch"].to_numpy(), kind="stable")
-        return columns({
-            "date_part": hists["epoch"].to_numpy()[order], "hist": [hists["hist"].iloc[i] for i in order],
-            "obsid": hists["obsid"].to_numpy()[order],
-        })  # fmt: skip
+        return answer({
+            "date_part": hists["epoch"].to_numpy()[order].astype(np.float64),
+            "hist": [hists["hist"].iloc[i] for i in order], "obsid": hists["obsid"].to_numpy()[order],
+        }, tsformat)  # fmt: skip
     stats = signatures.stats
     obsid = stats["obsid"].to_numpy()
     at = scenes.index.get_indexer(pd.Index(obsid, dtype=object))  # as object: no str dtype inference
     keep = np.flatnonzero(at >= 0)
     keep = keep[scenes["card"].to_numpy()[at[keep]] == card]
-    epoch, band = scenes["epoch"].to_numpy()[at[keep]], stats["band"].to_numpy()[keep]
-    order = np.lexsort((band, epoch))
+    epoch, bands = scenes["epoch"].to_numpy()[at[keep]], stats["band"].to_numpy()[keep]
+    order = np.lexsort((bands, epoch))
     rows = keep[order]
-    out = {"date_part": epoch[order], "band": band[order]}
-    for name in TS_COLUMNS[2:]:
-        out[name] = stats[name].to_numpy()[rows]
+    bands = bands[order]
+    out: dict[str, Any] = {"date_part": epoch[order].astype(np.float64)}
+    out["band"] = jrc_names(bands, tstype) if bandnames == "jrc" else bands
+    out["count"] = stats["count"].to_numpy()[rows]
+    scale = card == "s2" and values == "dn"
+    reflectance = bands != SCL_BAND
+    for name in VALUE_COLUMNS:
+        column = stats[name].to_numpy()[rows]
+        out[name] = np.where(reflectance, column * DN_PER_REFLECTANCE, column) if scale else column
     out["obsid"] = obsid[rows]
     out["orbit"] = scenes["orbit"].to_numpy()[at[rows]]
+    if ref:
+        out["reference"] = out["obsid"]
     if hists is not None:
         lookup = dict(zip(hists["obsid"], hists["hist"], strict=True))
-        out["hist"] = [lookup.get(o) for o in out["obsid"]]
-    return columns(out)
+        out["hist"] = [lookup.get(o, {}) for o in out["obsid"]]
+    return answer(out, tsformat)
