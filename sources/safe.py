@@ -51,9 +51,9 @@ import shapely
 from pyproj import CRS
 
 import sources.s3 as s3
+from cbm_core import impl
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
-from cbm_core.hookspecs import impl
 from cbm_core.model import BandRef, RasterWindow
 from sources._archive import date_option, names_list, problem_band, raise_if_problem
 from sources._catalogue import catalogue_frame
