@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 OWN = {"cbm_core", "cbm_plugins", "markers", "extractors", "sources"}
-RUNTIME_EXTRAS = ("analyst", "ml", "cnn", "postgis", "s3", "serve", "dask")
+RUNTIME_EXTRAS = ("analyst", "ml", "cnn", "postgis", "s3", "stac", "serve", "dask")
 
 
 def norm(name: str) -> str:
