@@ -170,17 +170,33 @@ def _s2_series(series: TimeSeries, p: Mapping[str, Any]) -> tuple[ts.Panel, ts.P
     return panel, ts.dedupe_days(clear)
 
 
+# S1 band names seen in signature tables: the engine's (VV/VH on cards c6/bs) and the JRC client's
+# (VVc/VHc coherence, VVb/VHb backscatter); the configured band is tried first, then these.
+COHERENCE_BANDS = ("VV", "VVc", "VH", "VHc")
+BACKSCATTER_BANDS = ("VH", "VHb", "VV", "VVb")
+
+
+def _first_band(series: TimeSeries, card: str, wanted: str, fallbacks: tuple[str, ...]) -> ts.Panel:
+    """The panel of the first band of ``card`` with data: the configured one, else a known alias."""
+    panel = None
+    for band in dict.fromkeys((wanted, *fallbacks)):
+        panel = ts.drop_missing(ts.build_panel(series.stats, card, (band,)), (band,))
+        if len(panel.t):
+            panel.values["signal"] = panel.values[band]
+            return panel
+    panel.values["signal"] = np.zeros(0)
+    return panel
+
+
 def _s1_series(series: TimeSeries, p: Mapping[str, Any]) -> tuple[ts.Panel, int]:
     """The S1 cut signal: 6-day coherence (rises after a cut), else GRD backscatter in dB."""
-    band = str(p["coherence_band"])
-    c6 = ts.drop_missing(ts.build_panel(series.stats, "c6", (band,)), (band,))
+    c6 = _first_band(series, "c6", str(p["coherence_band"]), COHERENCE_BANDS)
     if len(c6.t):
-        c6.values["signal"] = np.clip(c6.values[band], 0, 1)
+        c6.values["signal"] = np.clip(c6.values["signal"], 0, 1)
         return c6, S1_COHERENCE
-    band = str(p["backscatter_band"])
-    bs = ts.build_panel(series.stats, "bs", (band,))
+    bs = _first_band(series, "bs", str(p["backscatter_band"]), BACKSCATTER_BANDS)
     with np.errstate(divide="ignore", invalid="ignore"):
-        db = 10 * np.log10(bs.values[band])
+        db = 10 * np.log10(bs.values["signal"])
     bs.values["signal"] = np.where(np.isfinite(db), db, np.nan)
     bs = ts.drop_missing(bs, ("signal",))
     return bs, (S1_BACKSCATTER if len(bs.t) else S1_NONE)

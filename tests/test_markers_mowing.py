@@ -214,6 +214,14 @@ def test_coherence_confirms_and_dates_a_cut_in_a_gap():
     assert abs((event.main - CUT).days) <= 3
 
 
+@pytest.mark.parametrize("band", ["VVc", "VH"])
+def test_coherence_under_another_band_name_is_used(band):
+    obs = [o for o in every("03-01", "10-30", 5, grass) if not d("06-01") < d(o[0]) < d("07-01")]
+    coh = every("03-02", "10-30", 6, lambda day: 0.55 if d("06-13") <= day <= d("06-26") else 0.25)
+    (event,) = one(s2_rows(1, obs) + s1_rows(1, "c6", band, coh)).events
+    assert event.kind == "mowing:s2+s1"
+
+
 def test_coherence_alone_counts_only_where_s2_was_blind():
     coh = every("03-02", "10-30", 6, lambda day: 0.55 if d("06-13") <= day <= d("06-26") else 0.25)
     blind = [o for o in every("03-01", "10-30", 5, 0.8) if not d("06-01") < d(o[0]) < d("07-10")]
@@ -363,7 +371,9 @@ def test_bad_input_gives_not_valid_with_reasons(scenario):
     overcast = mowing.run(TimeSeries(no_s1, cloudy, sub.parcels), {})
     assert overcast[0].status == Status.NOT_VALID and "cloudy" in overcast[0].reason
 
-    renamed = sub.stats.astype({"band": str}).replace({"band": {"B04": "RED", "B08": "NIR", "VV": "HH"}})
+    renamed = sub.stats.astype({"band": str}).replace(
+        {"band": {"B04": "RED", "B08": "NIR", "VV": "HH", "VH": "HV"}}
+    )
     unknown = mowing.run(TimeSeries(renamed, sub.scl, sub.parcels), {})
     assert unknown[0].status == Status.NOT_VALID and "B04/B08" in unknown[0].reason
 
