@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import click
 
+from cbm_core import logs
 from cbm_core.config import PluginConfig, load_run_config
 from cbm_core.errors import CbmError
 from cbm_core.plugins import DISABLED_ENV, TRACE_ENV, PluginManager, load_plugins
@@ -45,9 +47,20 @@ class RootGroup(CbmGroup):
         return super().get_command(ctx, cmd_name)
 
 
+log = logging.getLogger(__name__)
+
+
 @click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cbm-engine")
-def cli() -> None:
+@click.option(
+    "--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False), envvar=logs.LEVEL_ENV,
+    default=logs.DEFAULT_LEVEL, show_default=True, help="Least severe log records shown (on stderr).",
+)  # fmt: skip
+@click.option(
+    "--log-format", type=click.Choice(logs.FORMATS, case_sensitive=False), envvar=logs.FORMAT_ENV,
+    default=logs.DEFAULT_FORMAT, show_default=True, help="text for people, json: one object per line.",
+)  # fmt: skip
+def cli(log_level: str, log_format: str) -> None:
     """cbm-engine: Checks by Monitoring from parcels and Sentinel imagery to traffic lights.
 
     Parcels and scenes come from a source (local files by default), are reduced to per-parcel
@@ -58,7 +71,9 @@ def cli() -> None:
     Environment:
       CBM_DISABLED_PLUGINS=a,b   do not load these plugins
       CBM_TRACE_PLUGINS=1        print every hook call to stderr
+      CBM_LOG_LEVEL, CBM_LOG_FORMAT   defaults of --log-level and --log-format
     """
+    logs.configure(log_level, log_format)
 
 
 @cli.command()
@@ -71,8 +86,9 @@ def run(config: Path, force: bool, quiet: bool, address: str | None, workers: in
     """Run CONFIG (TOML): extract missing scenes, run markers and rules, write verdicts.
 
     Writes to the config's [run] out folder: verdicts.gpkg and verdicts.csv (one row per parcel
-    with light and reasons), markers.parquet (every marker result), summary.json, and the
-    signature store (Parquet, by default out/signatures). Re-running skips stored scenes.
+    with light and reasons), markers.parquet (every marker result), summary.json, run.log (this
+    run's log records, appended) and the signature store (Parquet, by default out/signatures).
+    Re-running skips stored scenes.
     With --cluster, --workers or a [cluster] table, scenes and parcel partitions run on dask.
     """
     from dataclasses import replace
@@ -84,19 +100,31 @@ def run(config: Path, force: bool, quiet: bool, address: str | None, workers: in
     settings = load_run_config(config)
     if address or workers:
         settings = replace(settings, cluster=replace(settings.cluster, address=address, workers=workers))
-    result = Engine(plugins=_plugins(), progress=False if quiet else None).run(settings, force=force)
-    summary = result.summary
-    scenes = summary["scenes"]
+    with logs.run_log(settings.out_dir):
+        log.info("run %s started", config, extra={"config": str(config), "force": force})
+        try:
+            result = Engine(plugins=_plugins(), progress=False if quiet else None).run(settings, force=force)
+        except Exception as exc:
+            log.error("run %s stopped: %s", config, exc)
+            raise
+        summary = result.summary
+        scenes = summary["scenes"]
+        for obsid, reason in scenes["failed"].items():
+            log.warning("scene %s failed: %s", obsid, reason, extra={"scene": obsid})
+        for unit in summary.get("cluster", {}).get("failed_units", []):
+            if not unit["unit"].startswith("scene "):  # failed scenes are listed above
+                log.warning("%s failed: %s", unit["unit"], unit["reason"])
+        lights = summary["verdicts"]
+        log.info(
+            "run %s finished", config,
+            extra={"parcels": summary["parcels"], "scenes_extracted": scenes["extracted"],
+                   "scenes_stored_before": scenes["skipped_already_stored"],
+                   "scenes_failed": len(scenes["failed"]), **{f"verdicts_{k}": v for k, v in lights.items()}},
+        )  # fmt: skip
     click.echo(
         f"{summary['parcels']} parcels; scenes: {scenes['extracted']} extracted, "
         f"{scenes['skipped_already_stored']} already stored, {len(scenes['failed'])} failed"
     )
-    for obsid, reason in scenes["failed"].items():
-        click.echo(f"  failed {obsid}: {reason}", err=True)
-    for unit in summary.get("cluster", {}).get("failed_units", []):
-        if not unit["unit"].startswith("scene "):  # failed scenes are listed above
-            click.echo(f"  failed {unit['unit']}: {unit['reason']}", err=True)
-    lights = summary["verdicts"]
     click.echo(f"verdicts: {lights['green']} green, {lights['yellow']} yellow, {lights['red']} red")
     click.echo(f"written to {settings.out_dir}")
 

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -61,6 +60,7 @@ from cbm_core.plugins import load_plugins
 if TYPE_CHECKING:
     from cbm_core.pipeline import Engine
 
+log = logging.getLogger(__name__)
 CLAIM_CHUNK = 64  # scenes offered per claim call: one round trip, whatever the catalogue size
 CLAIM_POLL = 5.0  # seconds between looks at scenes another run is extracting
 SCENE_COLUMNS = ["obsid", "obstime", "card", "orbit"]  # what marker units need of the catalogue
@@ -95,11 +95,9 @@ def run_distributed(
     parcels = engine.parcels(config.source)
     catalogue = engine.catalogue(config.source)
     engine.check_bands(catalogue, config.extract)
-    quiet = engine.progress_disabled
     with connect(cluster) as client, scheduler_lost_is_an_error(client):
         link = client.dashboard_link
-        if not quiet:
-            print(f"dask dashboard: {link}", file=sys.stderr)
+        log.info("dask dashboard: %s", link, extra={"dashboard": link})
         run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         report, failed_units = extract_scenes(client, engine, spec, config, catalogue, options, run_id, force)
         results, table, marker_failures = score_partitions(
@@ -372,7 +370,7 @@ def extract_scenes(
         try:
             release(config=store, obsids=list(obsids), worker=run_id, reason=reason)
         except CbmError as exc:
-            print(f"cbm: warning: claims kept until their lease ends ({exc})", file=sys.stderr)
+            log.warning("claims kept until their lease ends (%s)", exc, extra={"run_id": run_id})
 
     window = 2 * max(1, sum(client.nthreads().values()))
     flying: dict[Any, str] = {}

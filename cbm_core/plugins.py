@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import os
 import sys
 import tomllib
@@ -27,6 +28,7 @@ from cbm_core import hookspecs
 from cbm_core.config import PluginConfig, check_keys
 from cbm_core.errors import PluginError
 
+log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "cbm"
 CORE_API_VERSION = "1.0"
 DISABLED_ENV = "CBM_DISABLED_PLUGINS"
@@ -176,10 +178,7 @@ def load_plugins(entry_points: bool = True, builtins: bool = True) -> PluginMana
             dist_version = ep.dist.version if ep.dist is not None else "unknown"
             loaded = _load(manager, ep.name, ep.load, "entry point", dist_version)
             if not loaded and not manager.pm.is_blocked(ep.name):  # the user installed it: say why it is off
-                print(
-                    f"cbm: warning: plugin '{ep.name}' not loaded: {manager.refused[ep.name]}",
-                    file=sys.stderr,
-                )
+                log.warning("plugin '%s' not loaded: %s", ep.name, manager.refused[ep.name])
     manager.pm.check_pending()
     if os.environ.get(TRACE_ENV, "").strip() not in ("", "0", "false", "no"):
         manager.pm.trace.root.setwriter(sys.stderr.write)

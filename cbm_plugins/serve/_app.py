@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from cbm_core import logs
 from cbm_core.plugins import PluginManager, load_plugins
 from cbm_plugins.serve import (
     _routes_chips,
@@ -21,6 +22,7 @@ from cbm_plugins.serve._config import CONFIG_ENV, ServerConfig, check_plugins, l
 from cbm_plugins.serve._datasets import Datasets
 from cbm_plugins.serve._files import Files
 from cbm_plugins.serve._http import SizeLimit, install_error_handlers
+from cbm_plugins.serve._logging import AccessLog
 from cbm_plugins.serve._users import Authenticator
 
 ROUTERS = (
@@ -50,6 +52,7 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
         max_body=int(config.limits["max_body_bytes"]),
         max_query=int(config.limits["max_query_bytes"]),
     )
+    app.add_middleware(AccessLog)  # outermost of ours: requests refused for their size are logged too
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -68,6 +71,7 @@ def create_app_from_env() -> FastAPI:
     out of the garbage collector's full passes, which otherwise scan them all and stall every
     request in flight for 50-250 ms now and then.
     """
+    logs.configure()  # a worker process: level and format from CBM_LOG_LEVEL / CBM_LOG_FORMAT
     app = create_app(load_server_config(Path(os.environ[CONFIG_ENV])))
     gc.collect()
     gc.freeze()

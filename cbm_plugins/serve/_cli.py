@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from cbm_core import logs
 from cbm_core.errors import CbmError, InputError
 from cbm_plugins.serve._config import (
     CHIP_DIR_ENV,
@@ -17,6 +19,8 @@ from cbm_plugins.serve._config import (
     load_server_config,
 )
 from cbm_plugins.serve._users import ALL_AOIS, make_user, read_users, write_users
+
+log = logging.getLogger(__name__)
 
 
 @click.command("serve")
@@ -33,13 +37,17 @@ def serve_command(config: Path, host: str, port: int, workers: int) -> None:
     settings = load_server_config(config)  # fail here, with a clear message, not in a worker
     check_plugins(settings, load_plugins())
     if not settings.users.exists():
-        click.echo(f"warning: no users file {settings.users}: add users with `cbm users add`", err=True)
+        log.warning("no users file %s: add users with `cbm users add`", settings.users)
     os.environ[CONFIG_ENV] = str(settings.path)
     os.environ[CHIP_DIR_ENV] = str(settings.chip_dir)  # one chip folder shared by every worker
     os.environ[SIGNING_KEY_ENV] = settings.signing_key.hex()  # links signed by one worker, served by any
+    logs.configure()  # `cbm serve` configured it already; the standalone entry point (main) has not
+    # uvicorn logs through the root logger in our format (log_config=None: no handlers of its own);
+    # the access log is AccessLog's, one record per request with the fields operators need.
     uvicorn.run(
         "cbm_plugins.serve._app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
-        log_level="warning", limit_concurrency=512, timeout_keep_alive=30, server_header=False,
+        log_config=None, log_level=os.environ[logs.LEVEL_ENV], access_log=False,
+        limit_concurrency=512, timeout_keep_alive=30, server_header=False,
     )  # fmt: skip
 
 

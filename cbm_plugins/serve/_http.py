@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbm_core.errors import CbmError, InputError
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -86,7 +88,7 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 async def _data_error(_: Request, exc: CbmError) -> JSONResponse:
     # The details (paths, DSNs) go to the server log, not to the client.
-    print(f"cbm serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+    log.error("%s: %s", type(exc).__name__, exc)
     if isinstance(exc, InputError):
         return error_response(502, "the dataset's data could not be read; see the server log")
     return error_response(503, "the dataset's store is unavailable; try again later")
