@@ -88,6 +88,7 @@ NOISE_PAIR_MAX_DAYS = 12.0  # consecutive pairs at most this far apart measure n
 NOISE_MIN_PAIRS = 4  # fewer pairs: the threshold floor applies
 ROBUST_SIGMA = 1.4826 / np.sqrt(2.0)  # MAD of differences of two noisy values -> noise of one value
 DRYING_DAYS = 6.0  # cut grass keeps drying on the field: the low may come one revisit later
+GREENUP_LOOKBACK_DAYS = 30.0  # green-up is looked for from this long before season_start
 REGROWTH_FLOOR_DAYS = 12.0  # regrowth counts from the lowest value this soon after the low
 COH_PAIR_DAYS = 6.0  # a coherence value at t spans the pair (t - 6 days, t]
 COH_LAG_DAYS = 7.5  # a cut is seen in the first pair after it: cut ~ t - 7.5 days (pair mid-span)
@@ -315,9 +316,12 @@ def _noise(t, v, lo, hi):
 def _greenup(t, v, lo, kp):
     """Day of the observed green-up (-inf when the parcel was green already or data are too few).
 
-    Values are 3-point medians (one noisy value cannot fake a low or a high). The spring high is
-    the highest value up to ``greenup_search_days`` after the season start, the low the lowest
-    before it; green-up is the first value after the low reaching ``greenup_fraction`` of the way.
+    Values are 3-point medians (one noisy value cannot fake a low or a high), from
+    ``GREENUP_LOOKBACK_DAYS`` before the season start (earlier winter dates carry low-sun artefacts)
+    to ``greenup_search_days`` after it. The spring high is the highest value there, the low the
+    lowest before it; green-up is the first value of the window reaching ``greenup_fraction`` of the
+    way. Searching from the window's start, not from the low, matters: when an early cut is the low
+    and the regrowth the high, the canopy was already at that level before the cut.
     """
     m = len(t)
     if m < 3:
@@ -330,22 +334,25 @@ def _greenup(t, v, lo, kp):
         else:
             buf[0], buf[1], buf[2] = v[k - 1], v[k], v[k + 1]
             s[k] = _median(buf, 3)
-    end = lo + kp.greenup_search_days
+    start, end = lo - GREENUP_LOOKBACK_DAYS, lo + kp.greenup_search_days
+    k0 = 0
+    while k0 < m and t[k0] < start:
+        k0 += 1
     k_hi = -1
-    for k in range(m):
+    for k in range(k0, m):
         if t[k] <= end and (k_hi < 0 or s[k] > s[k_hi]):
             k_hi = k
     if k_hi < 0:
         return -np.inf
-    k_lo = 0
-    for k in range(k_hi + 1):
+    k_lo = k0
+    for k in range(k0, k_hi + 1):
         if s[k] < s[k_lo]:
             k_lo = k
     amplitude = s[k_hi] - s[k_lo]
     if amplitude < kp.greenup_min_amplitude:
         return -np.inf
     level = s[k_lo] + kp.greenup_fraction * amplitude
-    for k in range(k_lo, k_hi + 1):
+    for k in range(k0, k_hi + 1):
         if s[k] >= level:
             return t[k]
     return t[k_hi]

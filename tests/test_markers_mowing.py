@@ -172,6 +172,18 @@ def test_no_cut_before_the_observed_greenup():
     assert [e.main.month for e in free.events] == [4, 6]
 
 
+def test_an_early_cut_is_not_mistaken_for_the_spring_low():
+    def early(day: date) -> float:
+        if day < d("04-01"):
+            return 0.40  # dormant
+        if day < d("04-25"):
+            return 0.40 + 0.40 * (day - d("04-01")).days / 24  # green-up to 0.80
+        return min(0.90, 0.50 + 0.40 * (day - d("04-25")).days / 30)  # cut, regrowth above the old peak
+
+    result = one(s2_rows(1, every("02-01", "10-30", 5, early)))
+    assert [(e.start, e.end) for e in result.events] == [around(every("02-01", "10-30", 5, 0), d("04-25"))]
+
+
 def test_a_subtle_cut_on_a_quiet_parcel_is_found():
     def subtle(day: date) -> float:
         wiggle = 0.01 * np.sin(day.toordinal())
