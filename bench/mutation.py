@@ -74,11 +74,15 @@ MODULES: dict[str, Target] = {
     "parquet": Target("sources/parquet.py", ("tests/test_claims_stores.py",)),
     "postgis": Target(
         "sources/postgis.py",
-        ("tests/test_claims_postgis.py", "tests/test_postgis.py"),
-        # the SQL layer: every function that builds or runs a query on signatures or claims
         (
-            "Tables.ident",
-            "Tables.placeholders",
+            "tests/test_claims_postgis.py",
+            "tests/test_postgis.py::test_store_round_trip_replaces_scenes_exactly",
+            "tests/test_postgis.py::test_released_claims_are_claimable_at_once_and_only_the_holders_are_touched",
+            "tests/test_postgis.py::test_identifiers_from_configuration_cannot_inject_sql",
+        ),
+        # the SQL layer: the functions that build or run a query on signatures, scenes or claims
+        (
+            "Tables",
             "tables",
             "cbm_store_write",
             "cbm_store_read",
@@ -87,28 +91,21 @@ MODULES: dict[str, Target] = {
             "cbm_store_release",
             "_scenes_of",
             "_delete_scenes",
-            "_payload",
             "_copy_scenes",
             "_catalogue_ids",
             "_copy_text",
             "_escape",
-            "_binary_hists",
-            "_copy_hists",
+            "import_parcels",
+            "import_catalogue",
         ),
     ),
     "auth": Target("cbm_plugins/serve/_users.py", ("tests/test_claims_server.py",)),
     "aoi": Target(
-        "cbm_plugins/serve/_server.py",
+        "cbm_plugins/serve/_datasets.py",
         ("tests/test_claims_server.py",),
-        (
-            "create_app.dataset",
-            "create_app.chip_dataset",
-            "create_app.chip_file",
-            "create_app.user",
-            "SizeLimit.__call__",
-            "create_app.data_error",
-        ),
+        ("Datasets.lookup", "Datasets.covering"),
     ),
+    "http": Target("cbm_plugins/serve/_http.py", ("tests/test_claims_server.py",)),
     "zonal": Target("extractors/zonal.py", ("tests/test_mutants_zonal.py",)),
     "kernels": Target(
         "extractors/_kernels.py",
@@ -117,8 +114,30 @@ MODULES: dict[str, Target] = {
     ),
 }
 
-# Mutants that cannot change behaviour, keyed by (module, function, change): why they survive.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+# Mutants that cannot change behaviour: (module, function, change, why they survive).
+EQUIVALENTS = [
+    (
+        "rule",
+        "cbm_rule_decide",
+        "failed and passed and (light == Light.RED) -> passed and light == Light.RED",
+        "a red light with a passing marker implies a failed one (_combine is red only with a failure)",
+    ),
+    (
+        "rule",
+        "_judge",
+        "pd.notna(confidence) and confidence < rule['min_confidence'] -> confidence < rule['min_confidence']",
+        "NaN < x is False, so a missing confidence is trusted either way (the guard documents it)",
+    ),
+    ("rule", "_judge", "'[]' -> 'XX[]XX'", "a shortcut: json.loads('[]') is [] too"),
+    (
+        "rule",
+        "_counts",
+        "10 -> 11",
+        "event dates in marker results are ISO dates of 10 characters (model._jsonable)",
+    ),
+    ("rule", "_combine", "False -> True", "the default is never used: the only caller passes the flag"),
+]
+EQUIVALENT = {(module, function, change): why for module, function, change, why in EQUIVALENTS}
 
 
 # Mutation operators -----------------------------------------------------------------------------

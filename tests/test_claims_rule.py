@@ -169,3 +169,26 @@ def test_reasons_name_the_evidence_and_the_parcel_issue(engine):
         " (obs S2_a -> S2_b)"
     )
     assert verdicts.loc[2, "reasons"] == "mowing: 1 event(s): mowing 2023-05-10 (obs n/a)"
+
+
+def test_reasons_of_open_windows_unnamed_kinds_and_timed_bounds(engine):
+    """A window open at one end says "...", an event without a kind is an "event", and a bound
+    given as a TOML datetime counts by its date. Planted bugs: `start or end` -> `end` (a window
+    with only a start lost its text); `end or '...'` -> `end`; `e.get('kind') or 'event'` ->
+    `e.get('kind')`; `text[:10]` -> `text[:11]`."""
+    only_start = {"markers": {"mowing": {"season_start": "05-10"}}}
+    reason = judge(engine, [ok("mowing", 1, seen=3)], **only_start).loc[1, "reasons"]
+    assert reason == "mowing: no event between 05-10 and ... in 3 observation(s)"
+    unnamed = judge(engine, [ok("mowing", 1, cut(kind=""))]).loc[1, "reasons"]
+    assert unnamed == "mowing: 1 event(s): event 2023-05-10 (obs S2_a -> S2_b)"
+    timed = {"markers": {"mowing": {"season_end": "2023-06-30 12:00:00"}}}
+    assert light(engine, [ok("mowing", 1, cut(date(2023, 6, 30)))], **timed) == "green"
+
+
+def test_a_parcel_issue_must_be_text_to_be_a_reason(engine):
+    """A missing issue read from a file is NaN, not a problem of the parcel. Planted bug:
+    `isinstance(issue, str) and issue` -> `issue` (NaN is truthy: "parcel: nan")."""
+    parcels = sample_parcels(2).assign(issue=[float("nan"), "empty geometry"])
+    verdicts = judge(engine, [ok("mowing", 1, cut()), ok("mowing", 2, cut())], parcels)
+    assert not verdicts.loc[1, "reasons"].startswith("parcel:")
+    assert verdicts.loc[2, "reasons"].startswith("parcel: empty geometry; ")

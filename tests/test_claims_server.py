@@ -16,12 +16,7 @@ from conftest import DEMO
 from fastapi.testclient import TestClient
 
 from cbm_plugins import serve
-
-try:  # the public face of the serve plugin (the server's modules are private)
-    from cbm_plugins.serve import create_app, load_server_config
-except ImportError:  # before the serve plugin exported them
-    from cbm_plugins.serve._server import create_app, load_server_config
-
+from cbm_plugins.serve import create_app, load_server_config
 from cbm_plugins.serve._users import make_user, write_users
 
 PASSWORD = "correct horse"
