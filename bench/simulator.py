@@ -217,6 +217,49 @@ def simulated_statistics(n: int, seed: int) -> dict:
     return out
 
 
+def figure(seasons: Path, path: Path, seed: int) -> None:
+    """Real grassland NDVI (valid, haze screened, cuts found) beside simulated grassland per profile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cbm_core.api import read_signatures
+
+    real = read_signatures(seasons)
+    panels = [("real pid 2, 2018", real.subset([2]), 2018), ("real pid 20, 2019", real.subset([20]), 2019)]
+    for profile in PROFILES:
+        scenario = simulate(40, year=2018, seed=seed, profile=profile)
+        grass = scenario.actual_crop.index[scenario.actual_crop == "grassland"]
+        panels.append((f"simulated {profile}", scenario.series.subset([int(grass[0])]), 2018))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.1 * len(panels)), sharey=True)
+    p = dict(mowing.DEFAULTS)
+    kp = mowing.kernel_params(p)
+    for ax, (title, series, year) in zip(axes, panels, strict=True):
+        full, valid = mowing._s2_series(series, p)
+        t, v = valid.t, valid.values["NDVI"]
+        keep = mowing._haze_screen(t, v, valid.values["B02"], 1 - np.nan_to_num(valid.cloudy), kp)
+        lo, hi = ts.day_number(f"{year}-01-01"), ts.day_number(f"{year}-11-30")
+        doy = lambda x, lo=lo: x - lo + 1  # noqa: E731
+        inside = (full.t >= lo) & (full.t <= hi)
+        ax.plot(doy(full.t[inside]), full.values["NDVI"][inside], ".", color="0.8", label="not valid (SCL)")
+        w = (t >= lo) & (t <= hi)
+        ax.plot(doy(t[w & keep]), v[w & keep], "o-", ms=3, color="tab:green", label="valid")
+        ax.plot(doy(t[w & ~keep]), v[w & ~keep], "x", color="tab:red", label="haze screened")
+        (result,) = mowing.run(series, {})
+        for e in result.events:
+            a, m, b = (ts.day_number(x) for x in (e.start, e.main, e.end))
+            ax.axvspan(doy(a), doy(b), color="tab:orange", alpha=0.25)
+            ax.axvline(doy(m), color="tab:orange")
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_ylim(0, 1)
+        ax.set_xlim(1, hi - lo + 1)
+    axes[0].legend(fontsize=7, loc="lower left", ncol=3)
+    axes[-1].set_xlabel("day of year (orange: cuts found, window last high .. first low)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,7 +271,10 @@ def main() -> None:
     parser.add_argument("--parcels", type=int, default=2000, help="simulated parcel-years per profile")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--figure", type=Path, help="PNG: real vs simulated grassland NDVI (needs --seasons)")
     args = parser.parse_args()
+    if args.figure and args.seasons:
+        figure(args.seasons, args.figure, args.seed)
     report = {
         "benchmark": "simulator calibration",
         "real": real_statistics(args.seasons, args.seasons_parcels, args.april, args.worldcereal),
