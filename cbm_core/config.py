@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cbm_core.errors import ConfigError
-from cbm_core.model import CARDS
+from cbm_core.model import CARDS, VALIDITY_KEYS, ValidityPolicy
 
 # The schema of a configuration: the keys each table accepts. A plugin's table ([source], [store],
 # [[extract]], [[marker]], [rule]) also accepts the options its plugin declares (CBM_OPTIONS, checked
@@ -29,7 +29,11 @@ RUN_KEYS: dict[str, frozenset[str]] = {  # top level of a run configuration -> k
 SCHEME_KEYS: dict[str, frozenset[str]] = {  # a scheme: a recipe file, or inline in a run configuration
     "marker": frozenset({"plugin", "name"}),
     "rule": frozenset({"plugin"}),
+    "validity": frozenset(VALIDITY_KEYS),  # the observation-validity policy (cbm_core.model.ValidityPolicy)
 }
+# Marker options that would give one marker its own idea of a clear observation: the scheme's
+# [validity] table is the one place for that.
+RETIRED_MARKER_KEYS = ("cloud_classes", "max_cloudy", "require_scl", "validity")
 DEFAULT_STORE = "parquet"  # the signature store when a configuration has no [store] plugin, in out/signatures
 RUN_VALUES = frozenset({"scheme"})  # top-level keys of a run configuration that are values, not tables
 SERVER_KEYS: dict[str, frozenset[str]] = {  # a `cbm serve` configuration (limits: see the server plugin)
@@ -165,14 +169,21 @@ def read_toml(path: Path, what: str = "configuration") -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Scheme:
-    """Which markers to run and which rule turns their results into verdicts."""
+    """Which markers to run, which rule turns their results into verdicts, and which observations count."""
 
     markers: tuple[PluginConfig, ...]
     rule: PluginConfig
+    validity: ValidityPolicy = field(default_factory=ValidityPolicy)
 
     @property
     def marker_names(self) -> list[str]:
         return [marker_name(m) for m in self.markers]
+
+    def params(self, config: PluginConfig) -> Params:
+        """A marker's or the rule's parameters with the scheme's validity policy under "validity"."""
+        params = config.params
+        params["validity"] = self.validity
+        return params
 
 
 def marker_name(config: PluginConfig) -> str:
@@ -189,6 +200,13 @@ def parse_scheme(data: Mapping[str, Any], base_dir: Path, origin: str) -> Scheme
         plugin_config(t, f"{origin} [[marker]] #{i + 1}", base_dir, keys=SCHEME_KEYS["marker"])
         for i, t in enumerate(found)
     )
+    for marker in markers:
+        retired = [k for k in RETIRED_MARKER_KEYS if k in marker.options]
+        if retired:
+            raise ConfigError(
+                f"{marker.where}: option(s) {', '.join(retired)} belong in the scheme's [validity] table "
+                "(one observation-validity policy for every marker, rule and plot)"
+            )
     names = [marker_name(m) for m in markers]
     repeated = {n for n in names if names.count(n) > 1}
     if repeated:
@@ -197,8 +215,11 @@ def parse_scheme(data: Mapping[str, Any], base_dir: Path, origin: str) -> Scheme
         )
     if "rule" not in data:
         raise ConfigError(f"{origin}: no [rule] table: a scheme needs a decision rule")
+    validity = ValidityPolicy.from_table(data.get("validity"), f"{origin} [validity]")
     return Scheme(
-        markers, plugin_config(data["rule"], f"{origin} [rule]", base_dir, keys=SCHEME_KEYS["rule"])
+        markers,
+        plugin_config(data["rule"], f"{origin} [rule]", base_dir, keys=SCHEME_KEYS["rule"]),
+        validity,
     )
 
 
@@ -303,8 +324,10 @@ def load_run_config(path: Path) -> RunConfig:
     for job in extract:
         check_job(job)
     scheme_ref = data.get("scheme")
-    if scheme_ref is not None and ("marker" in data or "rule" in data):
-        raise ConfigError(f"{path}: give either scheme = ... or [[marker]] and [rule] tables, not both")
+    if scheme_ref is not None and ("marker" in data or "rule" in data or "validity" in data):
+        raise ConfigError(
+            f"{path}: give either scheme = ... or [[marker]], [rule] and [validity] tables, not both"
+        )
     if scheme_ref is not None and (not isinstance(scheme_ref, str) or not scheme_ref):
         raise ConfigError(f"{path}: scheme must be a recipe name or a file, got {scheme_ref!r}")
     scheme = None if scheme_ref is not None else parse_scheme(data, base, str(path))

@@ -198,7 +198,7 @@ class Engine:
             for batch, core in tqdm(
                 batches, desc=f"marker {name}", unit="batch", disable=self._progress_disabled
             ):
-                results.extend(_run_isolated(call, name, batch, config.params, core))
+                results.extend(_run_isolated(call, name, batch, scheme.params(config), core))
         return results_frame(results)
 
     def decide(self, results: pd.DataFrame, parcels: gpd.GeoDataFrame, scheme: Scheme) -> gpd.GeoDataFrame:
@@ -214,13 +214,14 @@ class Engine:
         rule = scheme.rule
         call = self.plugins.caller(rule.plugin, "cbm_rule_decide", rule.where)
         pids = parcels["pid"].to_numpy()
+        params = scheme.params(rule)
 
         def rule_on(positions: np.ndarray) -> list[Verdict]:
             if len(positions) == len(pids):
-                return list(call(results=results, parcels=parcels, params=rule.params))
+                return list(call(results=results, parcels=parcels, params=params))
             chosen = parcels.iloc[positions]
             mine = results[results["pid"].isin(chosen["pid"])]
-            return list(call(results=mine, parcels=chosen, params=rule.params))
+            return list(call(results=mine, parcels=chosen, params=params))
 
         def failed(positions: np.ndarray, exc: Exception) -> list[Verdict]:
             reason = f"rule {rule.plugin} failed: {describe_error(exc)}"

@@ -20,11 +20,8 @@ import numba
 import numpy as np
 import pandas as pd
 
-from cbm_core.model import DEFAULT_MAX_UNUSABLE_SHARE, DEFAULT_UNUSABLE_CLASSES, HIST_COLUMNS, TimeSeries
+from cbm_core.model import HIST_COLUMNS, TimeSeries, ValidityPolicy
 
-# The core's observation-validity policy (cbm_core.model); configurable per marker ("cloud_classes").
-DEFAULT_CLOUD_CLASSES = DEFAULT_UNUSABLE_CLASSES
-DEFAULT_MAX_CLOUDY = DEFAULT_MAX_UNUSABLE_SHARE
 EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 # Index name -> (formula inputs); all computed from physical reflectance or linear backscatter.
@@ -54,7 +51,10 @@ class Panel:
     values: dict[str, np.ndarray] = field(default_factory=dict)
     orbit: np.ndarray | None = None  # S1 orbit label per observation ("" when unknown)
     orbit_code: np.ndarray | None = None  # the same as small integers (-1 when unknown)
-    cloudy: np.ndarray | None = None  # S2 cloudy pixel fraction per observation (NaN: no SCL)
+    cloudy: np.ndarray | None = None  # S2 unusable SCL pixel share per observation (NaN: no SCL)
+    hist: np.ndarray | None = None  # (n, 12) SCL class counts per observation (zeros: no SCL)
+    valid: np.ndarray | None = None  # the validity policy's verdict per observation (None: not screened)
+    why: np.ndarray | None = None  # and its reason ("" when valid)
 
     @property
     def n_obs(self) -> np.ndarray:
@@ -79,6 +79,9 @@ class Panel:
             orbit=None if self.orbit is None else self.orbit[keep],
             orbit_code=None if self.orbit_code is None else self.orbit_code[keep],
             cloudy=None if self.cloudy is None else self.cloudy[keep],
+            hist=None if self.hist is None else self.hist[keep],
+            valid=None if self.valid is None else self.valid[keep],
+            why=None if self.why is None else self.why[keep],
         )
 
     def frame(self) -> pd.DataFrame:
@@ -96,6 +99,9 @@ class Panel:
             out["orbit"] = self.orbit
         if self.cloudy is not None:
             out["cloudy"] = self.cloudy
+        if self.valid is not None:
+            out["valid"] = self.valid
+            out["why"] = self.why
         return out
 
 
@@ -224,23 +230,12 @@ def _group(pid, t, obs, band_codes, source, slot, n_bands):
     return first[: g + 1], table[: g + 1]
 
 
-def attach_clouds(panel: Panel, scl: pd.DataFrame, classes: Sequence[int] = DEFAULT_CLOUD_CLASSES) -> Panel:
-    """Set the cloudy pixel fraction of each observation from the SCL histograms (NaN where absent).
-
-    The fraction counts the ``classes`` pixels over all pixels of the parcel at that date.
-    """
-    cloudy = np.full(len(panel.t), np.nan)
+def attach_clouds(panel: Panel, scl: pd.DataFrame, policy: ValidityPolicy | None = None) -> Panel:
+    """Attach each observation's SCL histogram and its unusable share under the validity policy
+    (NaN share where the histogram is absent)."""
+    policy = policy or ValidityPolicy()
+    hist = np.zeros((len(panel.t), len(HIST_COLUMNS)), dtype=np.float32)
     if len(scl) and len(panel.t):
-        total = np.zeros(len(scl))
-        bad = np.zeros(len(scl))
-        for column in HIST_COLUMNS:  # column by column: no (rows x 12) copy
-            if column in scl.columns:
-                counts = np.nan_to_num(scl[column].to_numpy(np.float64))
-                total += counts
-                if int(column[5:]) in set(classes):
-                    bad += counts
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frac = np.where(total > 0, bad / total, np.nan)
         s_obs, s_names = _codes(scl["obsid"])
         # map SCL obsid codes into the panel's code space through their labels
         lookup = pd.Index(panel.obs_names.astype(str)).get_indexer(s_names.astype(str))
@@ -249,28 +244,52 @@ def attach_clouds(panel: Panel, scl: pd.DataFrame, classes: Sequence[int] = DEFA
         n_codes = max(len(panel.obs_names), 1)
         p_key = np.repeat(panel.pids, panel.n_obs) * n_codes + panel.obs
         s_key = s_pid * n_codes + s_code
-        valid = s_code >= 0
-        keys = s_key[valid]
+        rows = np.flatnonzero(s_code >= 0)
+        keys = s_key[rows]
         order = np.arange(len(keys)) if np.all(keys[1:] > keys[:-1]) else np.argsort(keys, kind="stable")
-        sorted_keys = s_key[valid][order]
+        sorted_keys = keys[order]
         pos = np.searchsorted(sorted_keys, p_key)
         pos_c = np.minimum(pos, max(len(sorted_keys) - 1, 0))
         found = (pos < len(sorted_keys)) & (sorted_keys[pos_c] == p_key) if len(sorted_keys) else pos < 0
-        cloudy[found] = frac[valid][order][pos_c[found]]
-    return replace(panel, cloudy=cloudy)
+        source = rows[order][pos_c[found]]
+        for j, column in enumerate(HIST_COLUMNS):  # column by column: no (rows x 12) copy of the frame
+            if column in scl.columns:
+                hist[found, j] = np.nan_to_num(scl[column].to_numpy(np.float64)[source])
+    return replace(panel, hist=hist, cloudy=policy.scl_share(hist))
 
 
-def cloud_filter(panel: Panel, max_cloudy: float = DEFAULT_MAX_CLOUDY, require_scl: bool = False) -> Panel:
-    """Keep observations whose cloudy fraction is at most ``max_cloudy``.
+def screen(panel: Panel, policy: ValidityPolicy | None = None) -> Panel:
+    """The validity policy's verdict and reason for every observation (SCL, haze, NDVI dip, one per day).
 
-    Observations without an SCL histogram are kept unless ``require_scl`` (then they are dropped).
+    Uses the panel's SCL histograms (attach_clouds), and B02, B04 and NDVI where the panel has them.
     """
-    if panel.cloudy is None:
-        return panel
-    keep = panel.cloudy <= max_cloudy
-    if not require_scl:
-        keep |= np.isnan(panel.cloudy)
-    return panel.take(keep)
+    policy = policy or ValidityPolicy()
+    v = panel.values
+    result = policy.screen(
+        np.repeat(panel.pids, panel.n_obs),
+        panel.t,
+        panel.hist,
+        blue=v.get("B02"),
+        red=v.get("B04"),
+        ndvi=v.get("NDVI"),
+    )
+    return replace(panel, valid=result.valid, why=result.reason, cloudy=result.unusable)
+
+
+def cloud_filter(panel: Panel, policy: ValidityPolicy | None = None) -> Panel:
+    """The observations the validity policy accepts (screening the panel first if needed)."""
+    screened = panel if panel.valid is not None else screen(panel, policy)
+    return screened.take(screened.valid)
+
+
+def rejected(panel: Panel, k: int) -> tuple[tuple[str, str], ...]:
+    """(obsid, reason) of the observations of the k-th parcel of a screened panel that were rejected."""
+    if panel.valid is None:
+        return ()
+    a, b = panel.offsets[k], panel.offsets[k + 1]
+    bad = np.flatnonzero(~panel.valid[a:b]) + a
+    names = panel.obs_names
+    return tuple((str(names[panel.obs[i]]), str(panel.why[i])) for i in bad)
 
 
 def add_index(panel: Panel, name: str) -> Panel:
@@ -346,9 +365,22 @@ def orbit_direction(orbit: str) -> str:
     return text
 
 
-def season_bounds(panel: Panel, start: str | None, end: str | None) -> tuple[float, float]:
-    """Day numbers of a season window given as 'MM-DD' (in the batch's main year) or full dates."""
-    year = int(to_date(float(np.median(panel.t))).year) if len(panel.t) else date.today().year
+def campaign_year(params: Mapping[str, Any]) -> int | None:
+    """The campaign year the engine gives a batch (params["campaign_year"]), None when unknown."""
+    year = params.get("campaign_year")
+    return None if year is None else int(year)
+
+
+def season_bounds(
+    panel: Panel, start: str | None, end: str | None, year: int | None = None
+) -> tuple[float, float]:
+    """Day numbers of a season window given as 'MM-DD' (in the campaign year) or full dates.
+
+    Without a campaign year, 'MM-DD' falls in the year of the batch's median observation.
+    A window that ends before it starts is refused (ValueError naming both ends).
+    """
+    if year is None:
+        year = int(to_date(float(np.median(panel.t))).year) if len(panel.t) else date.today().year
 
     def resolve(text: str | None, fallback: float) -> float:
         if text is None or text == "":
@@ -357,7 +389,21 @@ def season_bounds(panel: Panel, start: str | None, end: str | None) -> tuple[flo
         full = f"{year}-{text}" if len(text) == 5 else text
         return day_number(full)
 
-    return resolve(start, -np.inf), resolve(end, np.inf)
+    lo, hi = resolve(start, -np.inf), resolve(end, np.inf)
+    if lo > hi:
+        raise ValueError(f"season window ends before it starts: {start} .. {end} in {year}")
+    return lo, hi
+
+
+def evidence_window(t_all: np.ndarray, t_valid: np.ndarray, lo: float, hi: float) -> tuple[str, float]:
+    """The window a parcel was judged on ('YYYY-MM-DD..YYYY-MM-DD': the season, else the span of its
+    acquisitions) and the longest stretch in it without a valid observation, in days."""
+    first = lo if np.isfinite(lo) else (float(t_all.min()) if len(t_all) else np.nan)
+    last = hi if np.isfinite(hi) else (float(t_all.max()) if len(t_all) else np.nan)
+    if not np.isfinite(first) or not np.isfinite(last):
+        return "no observation", float("nan")
+    edges = np.concatenate([[np.floor(first)], np.floor(t_valid), [np.floor(last)]])
+    return f"{to_date(first)}..{to_date(last)}", float(np.diff(edges).max()) if len(edges) > 1 else 0.0
 
 
 def in_window(panel: Panel, lo: float, hi: float) -> Panel:
@@ -463,23 +509,21 @@ def s2_panel(
     params: Mapping[str, Any],
     indices: Sequence[str] = (),
 ) -> tuple[Panel, Panel]:
-    """The S2 panel of a batch before and after the cloud filter, with indices and one obs per day.
+    """The S2 panel of a batch screened by the validity policy, with indices.
 
-    Returns (all observations with their cloudy fraction, clear observations). The cloud filter is
-    configured by ``cloud_classes`` (SCL classes) and ``max_cloudy`` (fraction) in ``params``.
+    Returns (all observations with the policy's verdict and reason, the valid ones: at most one per
+    parcel and day). The policy is ``params["validity"]`` (the scheme's [validity] table), else the
+    default. B02 and B04 are read besides ``bands`` for the haze screen, NDVI for the dip screen.
     """
-    panel = build_panel(series.stats, "s2", bands)
-    classes = tuple(int(c) for c in param(params, "cloud_classes", DEFAULT_CLOUD_CLASSES))
-    panel = attach_clouds(panel, series.scl, classes)
-    for name in indices:
+    policy = ValidityPolicy.of(params)
+    extra = [b for b in ("B02", "B04", "B08") if b not in bands]
+    panel = build_panel(series.stats, "s2", [*bands, *extra])
+    panel = attach_clouds(panel, series.scl, policy)
+    for name in dict.fromkeys([*indices, "NDVI"]):
         panel = add_index(panel, name)
     panel = drop_missing(panel, list(indices) or list(bands))
-    clear = cloud_filter(
-        panel,
-        float(param(params, "max_cloudy", DEFAULT_MAX_CLOUDY)),
-        bool(param(params, "require_scl", False)),
-    )
-    return panel, dedupe_days(clear)
+    panel = screen(panel, policy)
+    return panel, panel.take(panel.valid)
 
 
 def composite(panel: Panel, names: Sequence[str], start: float, step: float, n_bins: int) -> np.ndarray:

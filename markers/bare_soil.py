@@ -31,11 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "min_clear_obs": 4,
     "visible_days": 30,  # how long tilled soil stays visibly bare (sets the confidence of "no event")
     "max_bare_days": None,  # when set, a parcel bare for longer gets a "bare_soil" event
-    "max_cloudy": ts.DEFAULT_MAX_CLOUDY,
-    "cloud_classes": list(ts.DEFAULT_CLOUD_CLASSES),
 }
 # The parameters a scheme may give this marker (anything else is refused as a likely typo).
-CBM_OPTIONS = frozenset(DEFAULTS) | {"require_scl"}
+CBM_OPTIONS = frozenset(DEFAULTS)
 BANDS = ("B02", "B04", "B08", "B11")
 
 

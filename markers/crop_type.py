@@ -90,11 +90,9 @@ DEFAULTS: dict[str, Any] = {
     "max_declared_ratio": None,  # or that threshold directly
     "max_declared_prob": None,  # optional extra cap on p(declared)
     "year": None,  # season year; default: the year of the batch's median observation
-    "max_cloudy": ts.DEFAULT_MAX_CLOUDY,
-    "cloud_classes": list(ts.DEFAULT_CLOUD_CLASSES),
 }
 # The parameters a scheme may give this marker (anything else is refused as a likely typo).
-CBM_OPTIONS = frozenset(DEFAULTS) | {"require_scl", "feature_spec"}
+CBM_OPTIONS = frozenset(DEFAULTS) | {"feature_spec"}
 
 
 class ModelSpecError(CbmError):

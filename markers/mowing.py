@@ -70,13 +70,11 @@ DEFAULTS: dict[str, Any] = {
     "bs_min_change_db": 2.0,  # backscatter change that may date a cut in a gap (2 x measured speckle)
     "min_clear_obs": 5,  # valid S2 observations needed in season (else S1 coherence must suffice)
     "min_s1_obs": 10,  # coherence observations needed in season when S2 is insufficient
-    "max_cloudy": ts.DEFAULT_MAX_CLOUDY,
-    "cloud_classes": list(ts.DEFAULT_CLOUD_CLASSES),
     "coherence_band": "VV",
     "backscatter_band": "VH",
 }
 # The parameters a scheme may give this marker (anything else is refused as a likely typo).
-CBM_OPTIONS = frozenset(DEFAULTS) | {"require_scl"}
+CBM_OPTIONS = frozenset(DEFAULTS)
 
 SRC_S2, SRC_S1, SRC_BOTH = 1, 2, 3
 S1_COHERENCE, S1_BACKSCATTER, S1_NONE = 1, 2, 0

@@ -1,8 +1,11 @@
-"""NDVI drops between clear Sentinel-2 observations: the simplest evidence of a cut or harvest.
+"""NDVI drops between valid Sentinel-2 observations: the simplest evidence of a cut or harvest.
 
-NDVI comes from the parcel means of B04 and B08; an observation is clear when the share of
-cloudy SCL classes among its pixels is at most `max_cloudy`. A drop of at least `min_drop`
-between consecutive clear observations is an event dated between them.
+NDVI comes from the parcel means of B04 and B08; which observations are valid is the scheme's
+validity policy (cbm_core.model.ValidityPolicy: SCL classes, haze, NDVI dips, one per day). A drop
+of at least `min_drop` between consecutive valid observations is an event dated between them.
+Every result reports its evidence (valid observations in the window, the longest gap between them)
+and, for a parcel without event, the largest drop seen, so that a rule can tell "no cut" from "not
+enough looks" and a reader can check the numbers.
 """
 
 from __future__ import annotations
@@ -11,16 +14,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from cbm_core import impl
-from cbm_core.model import HIST_COLUMNS, Event, MarkerResult, Status, TimeSeries
+from cbm_core.model import Event, MarkerResult, Status, TimeSeries
+from markers import _series as ts
 
-DEFAULTS = {
+NAME = "ndvi_drop"
+DEFAULTS: dict[str, Any] = {
     "min_drop": 0.1,  # JRC marker framework default for a mowing NDVI drop
-    "max_cloudy": 0.1,
-    "cloud_classes": [0, 1, 3, 8, 9, 11],  # JRC's newer mask: no data, saturated, shadow, cloud, snow
-    "min_clear": 3,
+    "min_valid": 3,  # valid observations in the window below which the marker says nothing
+    "season_start": None,  # window ("MM-DD" in the campaign year, or a date); None: all observations
+    "season_end": None,
 }
 # The parameters a scheme may give this marker (anything else is refused as a likely typo).
 CBM_OPTIONS = frozenset(DEFAULTS)
@@ -28,74 +32,68 @@ CBM_OPTIONS = frozenset(DEFAULTS)
 
 @impl
 def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
-    p = DEFAULTS | dict(params)
-    ndvi = _clear_ndvi(series, p)
-    # Whole columns to numpy once; each parcel then only slices its own rows.
-    pids = ndvi["pid"].to_numpy(np.int64)
-    values = ndvi["ndvi"].to_numpy(np.float64)
-    days = ndvi["obstime"].to_numpy("datetime64[ns]").astype("datetime64[D]").astype(object)
-    obsids = ndvi["obsid"].astype(str).to_numpy(object)
-    wanted = series.parcels["pid"].to_numpy(np.int64)
-    first = np.searchsorted(pids, wanted, side="left")
-    last = np.searchsorted(pids, wanted, side="right")
-    return [
-        _assess(int(pid), values[a:b], days[a:b], obsids[a:b], p)
-        for pid, a, b in zip(wanted, first, last, strict=True)
-    ]
+    return run(series, params)
 
 
-def _clear_ndvi(series: TimeSeries, p: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per clear observation: pid, obsid, obstime, ndvi; sorted by pid and time."""
-    s2 = series.stats[(series.stats["card"] == "s2") & series.stats["band"].isin(["B04", "B08"])]
-    wide = s2.pivot_table(index=["pid", "obsid", "obstime"], columns="band", values="mean", aggfunc="first")
-    if wide.empty or not {"B04", "B08"} <= set(wide.columns):
-        return pd.DataFrame(columns=["pid", "obsid", "obstime", "ndvi"])
-    wide = wide.reset_index()
-    wide["ndvi"] = (wide["B08"] - wide["B04"]) / (wide["B08"] + wide["B04"])
-    hist = series.scl
-    cloudy_cols = [HIST_COLUMNS[c] for c in p["cloud_classes"]]
-    total = hist[list(HIST_COLUMNS)].sum(axis=1)
-    cloudy = hist[cloudy_cols].sum(axis=1) / total.where(total > 0)
-    clear = hist.loc[cloudy.fillna(1.0) <= p["max_cloudy"], ["pid", "obsid"]]
-    wide = wide.merge(clear, on=["pid", "obsid"], how="inner")
-    wide = wide[np.isfinite(wide["ndvi"])]
-    return wide.sort_values(["pid", "obstime"], ignore_index=True)[["pid", "obsid", "obstime", "ndvi"]]
-
-
-def _assess(
-    pid: int, ndvi: np.ndarray, days: np.ndarray, obsids: np.ndarray, p: Mapping[str, Any]
-) -> MarkerResult:
-    """One parcel's clear observations (time order): NDVI, dates, obsids."""
-    n_clear = len(ndvi)
-    if n_clear < p["min_clear"]:
-        return MarkerResult(
-            "ndvi_drop",
-            pid,
-            Status.NOT_VALID,
-            reason=f"{n_clear} clear Sentinel-2 observation(s), at least {p['min_clear']} needed",
-            values={"clear_observations": n_clear},
-            obsids=tuple(obsids),
-        )
-    drops = ndvi[:-1] - ndvi[1:]
-    events = [
-        Event(
-            start=days[i],
-            main=days[i + 1],
-            end=days[i + 1],
-            magnitude=float(drops[i]),
-            confidence=float(min(1.0, drops[i] / (2 * p["min_drop"]))),
-            obsids=(obsids[i], obsids[i + 1]),
-            kind="ndvi_drop",
-        )
-        for i in np.flatnonzero(drops >= p["min_drop"])
-    ]
-    confidence = max((e.confidence for e in events), default=float(min(1.0, n_clear / (2 * p["min_clear"]))))
-    return MarkerResult(
-        "ndvi_drop",
-        pid,
-        Status.OK,
-        events=events,
-        values={"clear_observations": n_clear, "ndvi_max": float(ndvi.max()), "ndvi_min": float(ndvi.min())},
-        confidence=confidence,
-        obsids=tuple(obsids),
-    )
+def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[MarkerResult]:
+    """NDVI drop events of every parcel of the batch, with the evidence behind them."""
+    p = {**DEFAULTS, **(params or {})}
+    name = str(p.get("name", NAME))
+    pids = ts.batch_pids(series)
+    full, _ = ts.s2_panel(series, ("B04", "B08"), p, indices=("NDVI",))
+    lo, hi = ts.season_bounds(full, p["season_start"], p["season_end"], ts.campaign_year(p))
+    full = ts.in_window(full, lo, hi)
+    pos = ts.align(full, pids)
+    start, end = ts.obs_ranges(full, pos)
+    names = full.obs_names
+    min_drop, min_valid = float(p["min_drop"]), int(p["min_valid"])
+    out = []
+    with ts.no_gc():
+        for k, pid in enumerate(pids.tolist()):
+            a, b = int(start[k]), int(end[k])
+            ok = np.flatnonzero(full.valid[a:b]) + a
+            t, ndvi = full.t[ok], full.values["NDVI"][ok]
+            obsids = tuple(str(names[i]) for i in full.obs[ok])
+            window, gap = ts.evidence_window(full.t[a:b], t, lo, hi)
+            values: dict[str, Any] = {"valid_observations": len(ok), "window": window, "max_gap_days": gap}
+            rejected = ts.rejected(full, pos[k]) if pos[k] >= 0 else ()
+            if len(ok) < min_valid:
+                reason = f"{len(ok)} valid Sentinel-2 observation(s) in {window}; {min_valid} needed"
+                out.append(
+                    MarkerResult(
+                        name, pid, Status.NOT_VALID, reason, values=values, obsids=obsids, rejected=rejected
+                    )
+                )
+                continue
+            drops = ndvi[:-1] - ndvi[1:]
+            events = [
+                Event(
+                    start=ts.to_date(t[i]),
+                    main=ts.to_date(t[i + 1]),
+                    end=ts.to_date(t[i + 1]),
+                    magnitude=round(float(drops[i]), 4),
+                    confidence=round(float(min(1.0, drops[i] / (2 * min_drop))), 3),
+                    obsids=(obsids[i], obsids[i + 1]),
+                    kind="ndvi_drop",
+                )
+                for i in np.flatnonzero(drops >= min_drop)
+            ]
+            biggest = int(np.argmax(drops))
+            values |= {
+                "ndvi_max": round(float(ndvi.max()), 4),
+                "ndvi_min": round(float(ndvi.min()), 4),
+                "largest_drop": round(float(drops[biggest]), 4),
+            }
+            largest = (
+                f"largest NDVI drop {drops[biggest]:.2f} "
+                f"({ts.to_date(t[biggest])} -> {ts.to_date(t[biggest + 1])})"
+            )
+            if events:
+                reason = f"{largest} >= {min_drop:.2f} in {len(ok)} valid observation(s) {window}"
+            else:
+                reason = f"{largest} < {min_drop:.2f} in {len(ok)} valid observation(s) {window}"
+            confidence = max((e.confidence for e in events), default=None)
+            out.append(
+                MarkerResult(name, pid, Status.OK, reason, events, values, confidence, obsids, rejected)
+            )
+    return out

@@ -32,11 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "z_max": 3.0,  # RMS robust z-score above which the parcel is an outlier
     "min_spread": 0.05,  # NDVI floor of the peers' spread (avoids dividing by ~0)
     "min_clear_obs": 4,
-    "max_cloudy": ts.DEFAULT_MAX_CLOUDY,
-    "cloud_classes": list(ts.DEFAULT_CLOUD_CLASSES),
 }
 # The parameters a scheme may give this marker (anything else is refused as a likely typo).
-CBM_OPTIONS = frozenset(DEFAULTS) | {"require_scl", "context_distance"}
+CBM_OPTIONS = frozenset(DEFAULTS) | {"context_distance"}
 
 
 @impl

@@ -15,8 +15,14 @@ def scenario():
     return simulate(400, seed=21)
 
 
+# The default simulator profile's tilled soil is bluer than real soil (B02 - 0.5 x B04: median 0.047
+# against 0.006 on the 91 SCL-clear bare observations of flanders-seasons), so the haze screen that
+# holds on real data would reject simulated bare soil; it is off for these simulated parcels.
+NO_HAZE = {"validity": {"max_haze": False}}
+
+
 def test_ploughing_dates_match_the_truth(scenario):
-    results = bare_soil.run(scenario.series, {})
+    results = bare_soil.run(scenario.series, NO_HAZE)
     found = events_table(results)
     arable = scenario.actual_crop.index[scenario.actual_crop != "grassland"]
     truth = scenario.truth[scenario.truth["kind"] == "ploughing"]
@@ -28,7 +34,7 @@ def test_ploughing_dates_match_the_truth(scenario):
 
 
 def test_bare_days_and_soil_cover_event(scenario):
-    results = {r.pid: r for r in bare_soil.run(scenario.series, {"max_bare_days": 30})}
+    results = {r.pid: r for r in bare_soil.run(scenario.series, {"max_bare_days": 30, **NO_HAZE})}
     maize = scenario.actual_crop.index[scenario.actual_crop == "maize"]
     grass = scenario.actual_crop.index[scenario.actual_crop == "grassland"]
     assert min(results[p].values["bare_days"] for p in maize) > max(

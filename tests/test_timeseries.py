@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbm_core.model import HIST_COLUMNS, STATS, TimeSeries
+from cbm_core.model import HIST_COLUMNS, STATS, TimeSeries, ValidityPolicy
 from markers import _series as ts
 
 
@@ -100,18 +100,22 @@ def test_cloud_fraction_from_scl_histogram_and_filter():
     scl = scl_rows([(1, 1, {4: 90, 9: 10}), (1, 2, {4: 100}), (1, 3, {8: 30, 10: 10, 4: 60})])
     panel = ts.attach_clouds(ts.build_panel(stats, "s2", ("B04", "B08")), scl)
     np.testing.assert_allclose(panel.cloudy, [0.1, 0.0, 0.4])
-    assert ts.cloud_filter(panel, 0.05).n_obs.tolist() == [1]
-    assert ts.cloud_filter(panel, 0.2).n_obs.tolist() == [2]
+    assert ts.cloud_filter(panel, ValidityPolicy(max_unusable_share=0.05)).n_obs.tolist() == [1]
+    assert ts.cloud_filter(panel, ValidityPolicy(max_unusable_share=0.2)).n_obs.tolist() == [2]
     # the class set is configurable: without 9 (cloud high), day 1 is clear
-    only_8 = ts.attach_clouds(ts.build_panel(stats, "s2", ("B04", "B08")), scl, classes=(8,))
-    np.testing.assert_allclose(only_8.cloudy, [0.0, 0.0, 0.3])
+    only_8 = ValidityPolicy(unusable_classes=(8,))
+    np.testing.assert_allclose(
+        ts.attach_clouds(ts.build_panel(stats, "s2", ("B04", "B08")), scl, only_8).cloudy, [0.0, 0.0, 0.3]
+    )
+    screened = ts.screen(panel)
+    assert screened.why.tolist() == ["SCL cloud 10% > 5%", "", "SCL cloud 40% > 5%"]
 
 
 def test_observation_without_scl_kept_unless_required():
     stats = tidy([(1, 1, "B04", 0.1), (1, 1, "B08", 0.3)])
     panel = ts.attach_clouds(ts.build_panel(stats, "s2", ("B04", "B08")), scl_rows([]))
     assert ts.cloud_filter(panel).n_obs.tolist() == [1]
-    assert ts.cloud_filter(panel, require_scl=True).n_obs.tolist() == [0]
+    assert ts.cloud_filter(panel, ValidityPolicy(require_scl=True)).n_obs.tolist() == [0]
 
 
 def test_indices_follow_their_formulas():
@@ -163,6 +167,11 @@ def test_same_day_duplicates_keep_the_clearest():
     assert panel.n_obs.tolist() == [2]
     kept = ts.dedupe_days(panel)
     assert kept.n_obs.tolist() == [1] and kept.values["B04"].tolist() == [0.2]
+    # the validity policy keeps the same one (the other is cloudy anyway: two reasons, one answer)
+    policy = ValidityPolicy(max_unusable_share=0.6)
+    screened = ts.screen(panel, policy)
+    assert screened.values["B04"][screened.valid].tolist() == [0.2]
+    assert screened.why[~screened.valid].tolist() == ["second observation of the day"]
 
 
 def test_gaps_include_window_edges():
