@@ -391,7 +391,9 @@ def season_bounds(
 
     lo, hi = resolve(start, -np.inf), resolve(end, np.inf)
     if lo > hi:
-        raise ValueError(f"season window ends before it starts: {start} .. {end} in {year}")
+        raise ValueError(
+            f"season window ends before it starts: season_start {start} is after season_end {end} ({year})"
+        )
     return lo, hi
 
 

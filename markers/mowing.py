@@ -35,7 +35,7 @@ import numba
 import numpy as np
 
 from cbm_core import impl
-from cbm_core.model import Event, MarkerResult, Status, TimeSeries
+from cbm_core.model import Event, MarkerResult, Status, TimeSeries, ValidityPolicy
 from markers import _series as ts
 
 NAME = "mowing"
@@ -153,20 +153,16 @@ def _s2_series(series: TimeSeries, p: Mapping[str, Any]) -> tuple[ts.Panel, ts.P
     the dip's recovery).
     """
     panel = ts.build_panel(series.stats, "s2", ("B02", "B04", "B08", "NDVI"))
-    classes = tuple(int(c) for c in ts.param(p, "cloud_classes", ts.DEFAULT_CLOUD_CLASSES))
-    panel = ts.attach_clouds(panel, series.scl, classes)
+    policy = ValidityPolicy.of(p)  # the scheme's one observation-validity policy
+    panel = ts.attach_clouds(panel, series.scl, policy)
     v = panel.values
     with np.errstate(divide="ignore", invalid="ignore"):
         computed = (v["B08"] - v["B04"]) / (v["B08"] + v["B04"])
     ndvi = np.where(np.isfinite(computed), computed, v["NDVI"])
     panel.values["NDVI"] = np.where(np.isfinite(ndvi), ndvi, np.nan)
     panel = ts.drop_missing(panel, ["NDVI"])
-    clear = ts.cloud_filter(
-        panel,
-        float(ts.param(p, "max_cloudy", ts.DEFAULT_MAX_CLOUDY)),
-        bool(ts.param(p, "require_scl", False)),
-    )
-    return panel, ts.dedupe_days(clear)
+    panel = ts.screen(panel, policy)
+    return panel, panel.take(panel.valid)
 
 
 # S1 band names seen in signature tables: the engine's (VV/VH on cards c6/bs) and the JRC client's

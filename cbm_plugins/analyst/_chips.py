@@ -34,14 +34,8 @@ from rasterio.transform import from_bounds
 from rasterio.warp import Resampling, reproject
 
 from cbm_core.errors import CbmError, InputError
-from cbm_core.model import (
-    DEFAULT_MAX_UNUSABLE_SHARE,
-    DEFAULT_UNUSABLE_CLASSES,
-    BandRef,
-    RasterWindow,
-    unusable_share,
-)
-from cbm_plugins.analyst._plots import RunLike, open_run
+from cbm_core.model import BandRef, RasterWindow
+from cbm_plugins.analyst._plots import RunLike, _reason_kind, observations, open_run
 
 # SWIR-NIR-red false colour (as demo/flanders-2023/overview.png): vegetation green, bare soil
 # and stubble brown-pink; fixed stretches keep dates comparable.
@@ -74,6 +68,7 @@ class Chip:
     bounds: tuple[float, float, float, float] | None = None  # the centred square shown, in `crs`
     used: bool = False  # a marker based its result on this observation
     events: tuple[str, ...] = ()  # labels of the marker events dated on (or nearest to) this chip
+    why: str | None = None  # the validity policy's reason ("" valid; None: no signatures of this date)
 
     @property
     def valid_share(self) -> float | None:
@@ -82,12 +77,8 @@ class Chip:
 
     @property
     def valid(self) -> bool | None:
-        """Valid under the core's policy: at most DEFAULT_MAX_UNUSABLE_SHARE unusable pixels."""
-        return (
-            None
-            if self.cloudy is None or math.isnan(self.cloudy)
-            else (self.cloudy <= DEFAULT_MAX_UNUSABLE_SHARE)
-        )
+        """Valid under the run's validity policy, the markers' own (None: no signatures of this date)."""
+        return None if self.why is None else self.why == ""
 
     @property
     def image(self) -> np.ndarray | None:
@@ -110,7 +101,8 @@ class Chip:
     def label(self) -> str:
         share = self.valid_share
         valid = "" if share is None else f" · {share:.0%} valid"
-        return f"{self.date:%Y-%m-%d}{valid}"
+        rejected = f" · rejected: {_reason_kind(self.why)}" if self.why else ""
+        return f"{self.date:%Y-%m-%d}{valid}{rejected}"
 
     def display(self, size: int = DEFAULT_SIZE_PX) -> np.ndarray | None:
         """The display image resampled to size x size pixels over the centred square `bounds`."""
@@ -185,7 +177,7 @@ def read_chips(
     parcel = done.parcel(pid)
     outline = gpd.GeoSeries([parcel.geometry], crs=done.parcels.crs)
     scenes = _scenes(done.catalogue, outline, start, end)
-    cloudy = _cloudy(done, pid, list(scenes["obsid"]))
+    screened = _screened(done, pid)
     bounds, crs = _window_bounds(outline, buffer)
     used = done.used_obsids(pid)
     read = done.engine.plugins.caller(
@@ -195,7 +187,8 @@ def read_chips(
     found = []
     for scene in scenes.itertuples(index=False):
         date = pd.Timestamp(scene.obstime).tz_convert(None)
-        chip = Chip(date, scene.obsid, kind, bands, None, None, crs, cloudy.get(scene.obsid), bounds=bounds)
+        share, why = screened.get(str(scene.obsid), (None, None))
+        chip = Chip(date, scene.obsid, kind, bands, None, None, crs, share, bounds=bounds, why=why)
         chip.used = scene.obsid in used
         missing = [b for b in bands if b not in scene.bands]
         if missing:
@@ -548,15 +541,14 @@ def _span(start: str | pd.Timestamp | None, end: str | pd.Timestamp | None) -> s
     return f"{first_text} – {last_text}"
 
 
-def _cloudy(done, pid: int, obsids: list[str]) -> dict[str, float]:
-    """The parcel's cloudy SCL share per scene, from the stored histograms."""
-    if not obsids:
-        return {}
-    scl = done.engine.read_store(done.config.store, pids=[int(pid)], obsids=obsids).scl
-    if scl.empty:
-        return {}
-    share = unusable_share(scl, DEFAULT_UNUSABLE_CLASSES)
-    return {str(o): float(v) for o, v in zip(scl["obsid"], share, strict=True)}
+def _screened(done, pid: int) -> dict[str, tuple[float | None, str]]:
+    """Per S2 observation of the parcel: its unusable SCL share and the validity policy's reason
+    ("" when valid), screened over the parcel's whole series exactly as the markers screen it."""
+    s2 = observations(done.series([int(pid)]), pid, done.policy)["s2"]
+    return {
+        str(o): (None if not np.isfinite(c) else float(c), str(w))
+        for o, c, w in zip(s2["obsid"], s2["cloudy"], s2["why"], strict=True)
+    }
 
 
 def _window_bounds(outline: gpd.GeoSeries, buffer: float) -> tuple[tuple[float, float, float, float], str]:
@@ -662,8 +654,13 @@ def background(run: RunLike, pid: int, buffer: float) -> Chip | None:
     scenes = _scenes(done.catalogue, outline, None, None)
     if scenes.empty:
         return None
-    cloudy = _cloudy(done, pid, list(scenes["obsid"]))
-    order = sorted(scenes.itertuples(index=False), key=lambda s: cloudy.get(s.obsid, 1.0))
+    screened = _screened(done, pid)
+
+    def rank(scene) -> tuple[bool, float]:  # valid scenes first, then the least cloudy
+        share, why = screened.get(str(scene.obsid), (None, None))
+        return (why != "", 1.0 if share is None else share)
+
+    order = sorted(scenes.itertuples(index=False), key=rank)
     bounds, crs = _window_bounds(outline, buffer)
     read = done.engine.plugins.caller(
         done.config.source.plugin, "cbm_source_read_window", done.config.source.where
@@ -689,8 +686,9 @@ def background(run: RunLike, pid: int, buffer: float) -> Chip | None:
                 data,
                 transform,
                 chip_crs,
-                cloudy.get(scene.obsid),
+                screened.get(str(scene.obsid), (None, None))[0],
                 bounds=bounds,
+                why=screened.get(str(scene.obsid), (None, None))[1],
             )
     return None
 

@@ -25,13 +25,10 @@ from matplotlib.figure import Figure
 
 from cbm_core.config import RunConfig, load_run_config
 from cbm_core.errors import InputError
-from cbm_core.model import DEFAULT_UNUSABLE_CLASSES, TimeSeries, time_series, unusable_share
+from cbm_core.model import HIST_COLUMNS, TimeSeries, ValidityPolicy, time_series
 from cbm_core.outputs import RunResult
 from cbm_core.pipeline import Engine
 
-# An S2 observation counts as clear on plots when at most this share of the parcel's pixels
-# fall in an unusable SCL class (DEFAULT_UNUSABLE_CLASSES).
-MAX_CLOUDY = 0.10
 LIGHT_COLOURS = {"green": "#2e7d32", "yellow": "#f2a900", "red": "#c62828"}
 CARD_TITLES = {"s2": "Sentinel-2 NDVI", "bs": "Sentinel-1 backscatter (dB)", "c6": "Sentinel-1 coherence"}
 EVENT_COLOURS = ("#6a1b9a", "#00838f", "#ef6c00", "#283593", "#ad1457")
@@ -80,15 +77,29 @@ class FinishedRun:
         """The marker results of a parcel (one row per marker)."""
         return self.results[self.results["pid"] == int(pid)].reset_index(drop=True)
 
+    @property
+    def policy(self) -> ValidityPolicy:
+        """The run's observation-validity policy (its scheme's [validity] table): the one markers used."""
+        config = self.config
+        scheme = config.scheme or self.engine.scheme(str(config.scheme_ref), config.base_dir)
+        return scheme.validity
+
+    def used_by_marker(self, pid: int) -> dict[str, set[str]]:
+        """Per marker, the observations it based its result on (its `obsids`)."""
+        return {
+            str(row["marker"]): set(_json_list(row["obsids"]))
+            for _, row in self.marker_results(pid).iterrows()
+        }
+
     def used_obsids(self, pid: int) -> set[str]:
         """The observations the markers based their results on (their `obsids`)."""
-        return {o for text in self.marker_results(pid)["obsids"] for o in json.loads(text or "[]")}
+        return {o for text in self.marker_results(pid)["obsids"] for o in _json_list(text)}
 
     def events(self, pid: int) -> list[dict[str, Any]]:
         """Every marker event of a parcel, decoded, with the marker's name and dates as Timestamps."""
         found = []
         for _, row in self.marker_results(pid).iterrows():
-            for event in json.loads(row["events"] or "[]"):
+            for event in _json_list(row["events"]):
                 found.append(
                     {
                         **event,
@@ -137,24 +148,37 @@ def open_run(run: RunLike, engine: Engine | None = None) -> FinishedRun:
     )
 
 
-def observations(series: TimeSeries, pid: int, max_cloudy: float = MAX_CLOUDY) -> dict[str, pd.DataFrame]:
+def observations(
+    series: TimeSeries, pid: int, policy: ValidityPolicy | None = None
+) -> dict[str, pd.DataFrame]:
     """One parcel's observations per card, in the units inspectors read.
 
-    s2: date, obsid, NDVI, cloudy (SCL share; NaN without SCL), clear.
+    s2: date, obsid, NDVI, cloudy (unusable SCL share; NaN without SCL), clear (valid under the
+    validity policy, the markers' own), why (the policy's reason for a rejection, "" when valid).
     bs: date, obsid, orbit, VV_dB, VH_dB (dB of the parcel mean of linear backscatter).
     c6: date, obsid, orbit, VV, VH (coherence 0..1).
     Cards without rows give empty frames.
     """
+    policy = policy or ValidityPolicy()
     one = series.subset([int(pid)])
     out: dict[str, pd.DataFrame] = {}
-    s2 = _card_frame(one, "s2", ("B04", "B08"))
+    s2 = _card_frame(one, "s2", ("B02", "B04", "B08"))
     with np.errstate(divide="ignore", invalid="ignore"):
         s2["NDVI"] = (s2["B08"] - s2["B04"]) / (s2["B08"] + s2["B04"])
-    cloudy = pd.Series(unusable_share(one.scl, DEFAULT_UNUSABLE_CLASSES), index=one.scl["obsid"].astype(str))
-    s2["cloudy"] = s2["obsid"].map(cloudy[~cloudy.index.duplicated()]).astype(float)
-    s2 = s2[np.isfinite(s2["NDVI"])]
-    s2["clear"] = s2["cloudy"].fillna(0.0) <= max_cloudy
-    out["s2"] = _dated(s2)[["date", "obsid", "NDVI", "cloudy", "clear"]]
+    s2 = s2[np.isfinite(s2["NDVI"])].reset_index(drop=True)
+    scl = one.scl.assign(obsid=one.scl["obsid"].astype(str)).drop_duplicates("obsid").set_index("obsid")
+    hist = scl.reindex(s2["obsid"])[list(HIST_COLUMNS)].to_numpy(np.float64) if len(scl) else None
+    days = (s2["date"] - pd.Timestamp("1970-01-01")).dt.total_seconds().to_numpy() / 86400.0
+    screened = policy.screen(
+        np.full(len(s2), int(pid)),
+        days,
+        hist,
+        blue=s2["B02"].to_numpy(float),
+        red=s2["B04"].to_numpy(float),
+        ndvi=s2["NDVI"].to_numpy(float),
+    )
+    s2 = s2.assign(cloudy=screened.unusable, clear=screened.valid, why=screened.reason)
+    out["s2"] = _dated(s2)[["date", "obsid", "NDVI", "cloudy", "clear", "why"]]
     bs = _dated(_card_frame(one, "bs", ("VV", "VH")))
     with np.errstate(divide="ignore", invalid="ignore"):
         for band in ("VV", "VH"):
@@ -175,18 +199,22 @@ def data_notes(obs: dict[str, pd.DataFrame], cards: Sequence[str]) -> list[str]:
     if "s2" in cards and s2.empty:
         notes.append("No Sentinel-2 observation of this parcel.")
     elif "s2" in cards and not s2["clear"].any():
-        notes.append(f"No clear Sentinel-2 observation: all {len(s2)} are cloudy.")
+        notes.append(f"No valid Sentinel-2 observation: the validity policy rejects all {len(s2)}.")
     for card in ("bs", "c6"):
         if card in cards and obs[card].empty:
             notes.append(f"No {CARD_TITLES[card]} observation of this parcel.")
     return notes
 
 
-def plot_parcel(run: RunLike, pid: int, *, max_cloudy: float = MAX_CLOUDY) -> Figure:
-    """A parcel's time series (one panel per extracted card) with marker events and the verdict."""
+def plot_parcel(run: RunLike, pid: int) -> Figure:
+    """A parcel's time series (one panel per extracted card) with marker events and the verdict.
+
+    The S2 panel shows the observations the run's validity policy accepts and those it rejects
+    (grouped by reason), and rings the ones each marker used.
+    """
     done = open_run(run)
     parcel = done.parcel(pid)
-    obs = observations(done.series([pid]), pid, max_cloudy)
+    obs = observations(done.series([pid]), pid, done.policy)
     cards = done.cards
     fig = Figure(figsize=(10, 2.2 + 2.3 * len(cards)), layout="constrained")
     axes = fig.subplots(len(cards), 1, sharex=True, squeeze=False)[:, 0]
@@ -195,7 +223,7 @@ def plot_parcel(run: RunLike, pid: int, *, max_cloudy: float = MAX_CLOUDY) -> Fi
         if obs[card].empty:
             _say(ax, f"no {CARD_TITLES[card]} observations of this parcel")
         elif card == "s2":
-            _draw_s2(ax, obs["s2"], max_cloudy, done.used_obsids(pid))
+            _draw_s2(ax, obs["s2"], done.used_by_marker(pid))
         elif card == "bs":
             _draw_lines(ax, obs["bs"], {"VV_dB": "VV", "VH_dB": "VH"}, "dB")
         else:
@@ -207,7 +235,7 @@ def plot_parcel(run: RunLike, pid: int, *, max_cloudy: float = MAX_CLOUDY) -> Fi
     return fig
 
 
-def plot_peers(run: RunLike, pid: int, *, max_cloudy: float = MAX_CLOUDY) -> Figure:
+def plot_peers(run: RunLike, pid: int) -> Figure:
     """A parcel's clear NDVI and VV backscatter against the other parcels declared with the same crop.
 
     Peers share the crop code (or the crop name when codes are empty); the band is their 10-90 %
@@ -217,11 +245,12 @@ def plot_peers(run: RunLike, pid: int, *, max_cloudy: float = MAX_CLOUDY) -> Fig
     parcel = done.parcel(pid)
     peers, label = _peers(done.parcels, parcel)
     series = done.series([int(pid), *peers])
-    per_pid = {int(p): observations(series, p, max_cloudy) for p in [int(pid), *peers]}
+    policy = done.policy
+    per_pid = {int(p): observations(series, p, policy) for p in [int(pid), *peers]}
     fig = Figure(figsize=(10, 6), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     for ax, card, column, unit in (
-        (axes[0], "s2", "NDVI", "NDVI (clear only)"),
+        (axes[0], "s2", "NDVI", "NDVI (valid only)"),
         (axes[1], "bs", "VV_dB", "VV dB"),
     ):
         ax.set_title(f"{unit}: parcel {pid} vs {label}", loc="left", fontsize=10)
@@ -240,7 +269,7 @@ def plot_peers(run: RunLike, pid: int, *, max_cloudy: float = MAX_CLOUDY) -> Fig
         if mine.empty and others.empty:
             _say(ax, "no observations of this parcel or its peers")
         elif mine.empty:
-            _say(ax, f"no {'clear ' if card == 's2' else ''}observations of parcel {pid}")
+            _say(ax, f"no {'valid ' if card == 's2' else ''}observations of parcel {pid}")
         elif others.empty:
             _say(ax, "no peer observations", y=0.15)
         ax.set_ylabel(unit.split(" (")[0])
@@ -256,26 +285,50 @@ def plot_peers(run: RunLike, pid: int, *, max_cloudy: float = MAX_CLOUDY) -> Fig
 # Drawing helpers ---------------------------------------------------------------------------
 
 
-def _draw_s2(ax: Axes, s2: pd.DataFrame, max_cloudy: float, used: set[str]) -> None:
-    """Clear and cloudy observations told apart; rings mark those a marker used (markers may
-    apply their own cloud mask, e.g. accept thin cirrus)."""
-    clear, cloudy = s2[s2["clear"]], s2[~s2["clear"]]
-    if not clear.empty:
+REJECT_STYLES = {"SCL": "x", "haze": "^", "NDVI dip": "v", "second": "."}  # reason prefix -> marker
+
+
+def _draw_s2(ax: Axes, s2: pd.DataFrame, used: dict[str, set[str]]) -> None:
+    """Valid observations joined by a line, rejected ones grouped by the policy's reason, and a ring
+    per marker around the observations it used (all valid: markers read the same policy)."""
+    valid, rejected = s2[s2["clear"]], s2[~s2["clear"]]
+    if not valid.empty:
+        ax.plot(valid["date"], valid["NDVI"], "o-", color="#2e7d32", label=f"valid ({len(valid)})")
+    for kind, group in rejected.groupby(rejected["why"].map(_reason_kind), sort=True):
         ax.plot(
-            clear["date"], clear["NDVI"], "o-", color="#2e7d32", label=f"clear (≤{max_cloudy:.0%} cloudy SCL)"
+            group["date"],
+            group["NDVI"],
+            REJECT_STYLES.get(kind.split(" ")[0], "x"),
+            color="0.45",
+            label=f"rejected: {kind} ({len(group)})",
         )
-    if not cloudy.empty:
-        ax.plot(cloudy["date"], cloudy["NDVI"], "x", color="0.45", label="cloudy")
-    marked = s2[s2["obsid"].isin(used)]
-    if not marked.empty:
-        ax.plot(
-            marked["date"], marked["NDVI"], "o", ms=11, mfc="none", mec="#6a1b9a", label="used by a marker"
-        )
-    if clear.empty:
-        _say(ax, f"no clear observation: all {len(s2)} are cloudy", y=0.85)
+    for k, (marker, obsids) in enumerate(sorted(used.items())):
+        marked = s2[s2["obsid"].isin(obsids)]
+        if not marked.empty:
+            ax.plot(
+                marked["date"],
+                marked["NDVI"],
+                "o",
+                ms=10 + 4 * k,
+                mfc="none",
+                mec=EVENT_COLOURS[k % len(EVENT_COLOURS)],
+                label=f"used by {marker} ({len(marked)})",
+            )
+    if valid.empty:
+        _say(ax, f"no valid observation: the validity policy rejects all {len(s2)}", y=0.85)
     ax.set_ylim(min(-0.1, float(s2["NDVI"].min()) - 0.05), 1.0)
     ax.set_ylabel("NDVI")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="lower left", fontsize=7, ncol=2)
+
+
+def _reason_kind(reason: str) -> str:
+    """A rejection reason without its numbers ('SCL thin cirrus 100% > 5%' -> 'SCL thin cirrus')."""
+    if reason.startswith("SCL "):
+        return reason.rsplit(" ", 3)[0]
+    for prefix in ("haze", "NDVI dip"):
+        if reason.startswith(prefix):
+            return prefix
+    return reason
 
 
 def _draw_lines(ax: Axes, frame: pd.DataFrame, columns: dict[str, str], unit: str) -> None:
@@ -380,3 +433,10 @@ def _dated(frame: pd.DataFrame) -> pd.DataFrame:
 def _naive(times: pd.Series) -> pd.Series:
     times = pd.to_datetime(times, utc=True)
     return times.dt.tz_convert(None)
+
+
+def _json_list(value: Any) -> list:
+    """A list column of markers.parquet: a list (structured Parquet) or its JSON text."""
+    if isinstance(value, str):
+        return json.loads(value or "[]")
+    return [] if value is None else list(value)

@@ -201,7 +201,7 @@ def _summary(done: FinishedRun, pids: Sequence[int]) -> dict[str, Any]:
 def _parcel_page(done: FinishedRun, pid: int) -> ParcelPage:
     parcel = done.parcel(pid)
     light, reasons = done.verdict(pid)
-    notes = data_notes(observations(done.series([pid]), pid), done.cards)
+    notes = data_notes(observations(done.series([pid]), pid, done.policy), done.cards)
     found = read_chips(done, pid)
     if not found:
         notes.append("No Sentinel-2 imagery of this parcel in the run's period.")
