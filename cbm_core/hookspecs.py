@@ -47,6 +47,9 @@ ARGUMENTS: dict[str, str] = {
     "params": "the marker's or rule's parameters from the scheme",
     "results": "the marker results table (one row per marker and parcel)",
     "cli": "the click group of the `cbm` command",
+    "pixels": "the width and height, in pixels, of the image wanted",
+    "point": "(lon, lat) in EPSG:4326",
+    "dates": "(first, last) day wanted, both included (datetime.date)",
 }
 
 # Sources -------------------------------------------------------------------------------------
@@ -69,6 +72,20 @@ def cbm_source_read_window(
     config: PluginConfig, band: BandRef, bounds: tuple[float, float, float, float], crs: str
 ) -> RasterWindow:
     """Read the pixels of one band file covering bounds (in crs), on the file's own grid."""
+
+
+@hookspec(firstresult=True)
+def cbm_source_orthophoto(
+    config: PluginConfig, bounds: tuple[float, float, float, float], crs: str, pixels: int
+) -> RasterWindow:
+    """Return an orthophoto of bounds: a RasterWindow whose array is RGB (3 x rows x cols, uint8)."""
+
+
+@hookspec(firstresult=True)
+def cbm_source_weather(
+    config: PluginConfig, point: tuple[float, float], dates: tuple[Any, Any]
+) -> pd.DataFrame:
+    """Return daily weather at point: meteo_date, tmin, tmean, tmax, prec (empty where no data cell)."""
 
 
 @hookspec(firstresult=True)

@@ -345,3 +345,64 @@ def upload_demo(client, bucket: str, prefix: str = "flanders/") -> None:
     for path in sorted(demo.rglob("*")):
         if path.is_file() and path.suffix in (".tif", ".csv", ".gpkg"):
             client.upload_file(str(path), bucket, prefix + str(path.relative_to(demo)))
+
+
+@dataclass
+class TileServer:
+    """An XYZ tile service on loopback: /{z}/{x}/{y}.png answers a 256 x 256 PNG it makes (a colour
+    from x and y, so that a mosaic shows where each tile went); counts the tiles it served."""
+
+    port: int = field(default_factory=free_port)
+    served: int = 0
+    missing: bool = False  # answer 404 for every tile (a service without imagery there)
+    _server: socketserver.ThreadingTCPServer | None = None
+
+    @property
+    def template(self) -> str:
+        return f"http://127.0.0.1:{self.port}/{{z}}/{{x}}/{{y}}.png"
+
+    @staticmethod
+    def tile_png(x: int, y: int) -> bytes:
+        import warnings
+
+        import numpy as np
+        from rasterio.errors import NotGeoreferencedWarning
+        from rasterio.io import MemoryFile
+
+        pixels = np.empty((3, 256, 256), np.uint8)
+        pixels[0], pixels[1], pixels[2] = (x * 37) % 256, (y * 59) % 256, 128
+        with warnings.catch_warnings(), MemoryFile() as memory:
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # tiles are placed by their URL
+            with memory.open(driver="PNG", width=256, height=256, count=3, dtype="uint8") as png:
+                png.write(pixels)
+            return memory.read()
+
+    def start(self) -> TileServer:
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = self.path.strip("/").removesuffix(".png").split("/")
+                if owner.missing or len(parts) != 3 or not all(p.isdigit() for p in parts):
+                    self.send_error(404)
+                    return
+                body = owner.tile_png(int(parts[1]), int(parts[2]))
+                owner.served += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -58,8 +58,8 @@ def test_unknown_source_option_names_the_plugin_and_its_valid_options(tmp_path, 
     line = error_line(invoke("run", str(config)))
     assert "[source] (plugin 'local'): unknown key 'parcel' (did you mean 'parcels'?)" in line
     assert (
-        "valid keys: crop_code_column, crop_name_column, layer, parcel_code_column, parcels, pid_column, plugin, scenes"
-        in line
+        "valid keys: crop_code_column, crop_name_column, layer, parcel_code_column, parcels, pid_column, "
+        "plugin, scenes" in line
     )
 
 

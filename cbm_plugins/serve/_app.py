@@ -13,6 +13,7 @@ from cbm_core import logs
 from cbm_core.plugins import PluginManager, load_plugins
 from cbm_plugins.serve import (
     _routes_chips,
+    _routes_context,
     _routes_info,
     _routes_parcels,
     _routes_results,
@@ -30,6 +31,7 @@ ROUTERS = (
     _routes_parcels.router,
     _routes_series.router,
     _routes_chips.router,
+    _routes_context.router,
     _routes_results.router,
 )
 

@@ -85,6 +85,14 @@ class Dataset:
             )
         return self._extent
 
+    def near(self, lon: float, lat: float) -> bool:
+        """Whether a WGS84 point lies within the parcels' extent, widened by EXTENT_MARGIN degrees."""
+        minx, miny, maxx, maxy = self.extent()
+        return (
+            minx - EXTENT_MARGIN <= lon <= maxx + EXTENT_MARGIN
+            and miny - EXTENT_MARGIN <= lat <= maxy + EXTENT_MARGIN
+        )
+
     def pid_of(self, text: str) -> int | None:
         """The integer pid of a text parcel id (None when there is no such parcel id).
 
@@ -178,24 +186,19 @@ class Datasets:
         return found
 
     def covering(self, who: User, lon: float, lat: float) -> Dataset:
-        """For clients that send no aoi: the first dataset `who` may read with scenes at a location."""
+        """For clients that send no aoi: the first dataset `who` may read with parcels around and
+        scenes at a location."""
         point = shapely.Point(lon, lat)
         for found in self.all:
-            if who.may_read(found.aoi):
+            if who.may_read(found.aoi) and found.near(lon, lat):
                 scenes = found.catalogue()
                 if scenes.geometry.isna().all() or scenes.geometry.intersects(point).any():
                     return found
         raise ApiError(404, "no dataset you may read has scenes at this location")
 
     def with_parcels_at(self, who: User, lon: float, lat: float) -> Dataset:
-        """For clients that send no aoi: the first dataset `who` may read whose parcels' extent
-        (with a margin of BACKGROUND_MARGIN degrees) holds the location."""
+        """For clients that send no aoi: the first dataset `who` may read with parcels around a point."""
         for found in self.all:
-            if who.may_read(found.aoi):
-                minx, miny, maxx, maxy = found.extent()
-                if (
-                    minx - EXTENT_MARGIN <= lon <= maxx + EXTENT_MARGIN
-                    and miny - EXTENT_MARGIN <= lat <= maxy + EXTENT_MARGIN
-                ):
-                    return found
+            if who.may_read(found.aoi) and found.near(lon, lat):
+                return found
         raise ApiError(404, "no dataset you may read covers this location")

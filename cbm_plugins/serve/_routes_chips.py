@@ -225,8 +225,9 @@ def raw_chips_batch(who: Who, data: Served, batch: Annotated[ChipsBatch, Body()]
     """Chips of the listed scenes (scene ids or JRC .SAFE references) and bands around a location."""
     ds = chip_dataset(data, who, batch.aoi, batch.year, batch.parcels, batch.lon, batch.lat)
     if len(batch.tiles) * len(batch.bands) > data.limits["max_chips"]:
-        raise ApiError(400, f"{len(batch.tiles)} tiles x {len(batch.bands)} bands is more than "
-                            f"{int(data.limits['max_chips'])} chips")  # fmt: skip
+        chips = len(batch.tiles) * len(batch.bands)
+        raise ApiError(400, f"{len(batch.tiles)} tiles x {len(batch.bands)} bands = {chips} chips, more than "
+                            f"the limit {int(data.limits['max_chips'])}: split the batch")  # fmt: skip
     selected = resolve_scenes(ds, batch.tiles)
     return make_chips(data, ds, batch.lon, batch.lat, batch.bands, batch.chipsize, selected)
 
@@ -293,8 +294,9 @@ def make_composites(
             cols = np.arange(width) * window.array.shape[1] // width
             layers.append(stretch(window.array[np.ix_(rows, cols)], lut, window.nodata))
         name = f"{safe_stem(scene.obsid)}.{'_'.join(bands)}.png"
-        with rasterio.open(folder / name, "w", driver="PNG", height=height, width=width, count=3,
-                           dtype="uint8") as png:  # fmt: skip
+        profile = {"driver": "PNG", "height": height, "width": width, "count": 3, "dtype": "uint8",
+                   "crs": windows[0].crs, "transform": windows[0].transform}  # fmt: skip
+        with rasterio.open(folder / name, "w", **profile) as png:
             png.write(np.stack(layers))
         out["dates"].append(pd.Timestamp(scene.obstime).strftime(JRC_DATE))
         out["chips"].append(data.files.signed(token, name))

@@ -40,6 +40,29 @@ def scl_hists(scl: pd.DataFrame, scenes: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["epoch"].notna()].astype({"epoch": "int64"})
 
 
+def scl_stats(scl: pd.DataFrame) -> pd.DataFrame:
+    """Statistics of the SCL class values from the histograms (the JRC SC band): count, mean,
+    std, min, p25, p50, p75, max of the classes of a parcel's pixels."""
+    counts = scl[list(HIST_COLUMNS)].to_numpy(np.float64)
+    total = counts.sum(axis=1)
+    keep = total > 0
+    counts, total = counts[keep], total[keep]
+    classes = np.arange(counts.shape[1], dtype=np.float64)
+    mean = counts @ classes / total
+    std = np.sqrt(np.maximum(counts @ classes**2 / total - mean**2, 0))
+    cumulative = np.cumsum(counts, axis=1) / total[:, None]
+    present = counts > 0
+    last = counts.shape[1] - 1 - present[:, ::-1].argmax(axis=1)
+    frame = pd.DataFrame({
+        "obsid": scl["obsid"].to_numpy()[keep], "band": SCL_BAND, "count": total.astype(np.int64),
+        "mean": mean, "std": std, "min": present.argmax(axis=1).astype(np.float64),
+        "max": last.astype(np.float64),
+    })  # fmt: skip
+    for name, q in (("p25", 0.25), ("p50", 0.5), ("p75", 0.75)):
+        frame[name] = (cumulative >= q).argmax(axis=1).astype(np.float64)
+    return frame
+
+
 def store_band(band: str, tstype: str) -> str:
     """Our band name for a requested one (JRC VVb/VHc/SC or ours)."""
     if tstype in JRC_SUFFIX and band[-1:] == JRC_SUFFIX[tstype] and band[:-1] in ("VV", "VH"):
@@ -81,7 +104,8 @@ def parcel_time_series(
         return answer({c: [] for c in (TS_COLUMNS if tstype != "scl" else ("date_part", "hist"))}, tsformat)
     scenes = ds.scene_facts()
     card = "s2" if tstype == "scl" else tstype
-    wants_hists = tstype == "scl" or (scl and tstype == "s2")  # JRC: S1 series carry no histograms
+    sc_band = tstype == "s2" and bandnames == "jrc" and band in ("", "SC", "SCL")
+    wants_hists = tstype == "scl" or (tstype == "s2" and (scl or sc_band))  # JRC: no S1 histograms
     signatures = ds.hook(ds.store, "cbm_store_read")(
         config=ds.store, pids=[number], obsids=None,
         bands=[store_band(band, tstype)] if band and tstype != "scl" else None, scl=wants_hists,
@@ -94,6 +118,8 @@ def parcel_time_series(
             "hist": [hists["hist"].iloc[i] for i in order], "obsid": hists["obsid"].to_numpy()[order],
         }, tsformat)  # fmt: skip
     stats = signatures.stats
+    if sc_band and not (stats["band"] == SCL_BAND).any():  # the JRC SC band, from the histograms
+        stats = pd.concat([stats, scl_stats(signatures.scl)], ignore_index=True)
     obsid = stats["obsid"].to_numpy()
     at = scenes.index.get_indexer(pd.Index(obsid, dtype=object))  # as object: no str dtype inference
     keep = np.flatnonzero(at >= 0)
@@ -114,7 +140,7 @@ def parcel_time_series(
     out["orbit"] = scenes["orbit"].to_numpy()[at[rows]]
     if ref:
         out["reference"] = out["obsid"]
-    if hists is not None:
+    if hists is not None and scl:
         lookup = dict(zip(hists["obsid"], hists["hist"], strict=True))
         out["hist"] = [lookup.get(o, {}) for o in out["obsid"]]
     return answer(out, tsformat)
