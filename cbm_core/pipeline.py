@@ -28,6 +28,7 @@ from cbm_core.errors import CbmError, ConfigError, InputError
 from cbm_core.model import (
     Light,
     MarkerResult,
+    RasterWindow,
     Scene,
     Signatures,
     Status,
@@ -77,6 +78,20 @@ class Engine:
     def catalogue(self, source: PluginConfig) -> gpd.GeoDataFrame:
         """The scene catalogue: one row per scene, sorted by time."""
         return self.plugins.caller(source.plugin, "cbm_source_catalogue", source.where)(config=source)
+
+    def weather(
+        self, source: PluginConfig, point: tuple[float, float], dates: tuple[Any, Any]
+    ) -> pd.DataFrame:
+        """Daily weather at a WGS84 point (meteo_date, tmin, tmean, tmax, prec); empty without a cell."""
+        caller = self.plugins.caller(source.plugin, "cbm_source_weather", source.where)
+        return caller(config=source, point=point, dates=dates)
+
+    def orthophoto(
+        self, source: PluginConfig, bounds: tuple[float, float, float, float], crs: str, pixels: int
+    ) -> RasterWindow:
+        """An RGB orthophoto of bounds (in crs) about pixels wide, from a background source."""
+        caller = self.plugins.caller(source.plugin, "cbm_source_orthophoto", source.where)
+        return caller(config=source, bounds=bounds, crs=crs, pixels=pixels)
 
     # Extraction --------------------------------------------------------------------------------
 
