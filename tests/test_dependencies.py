@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata as md
 import re
 import sys
@@ -14,7 +15,6 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 OWN = {"cbm_core", "cbm_plugins", "markers", "extractors", "sources"}
-RUNTIME_EXTRAS = ("analyst", "ml", "cnn", "postgis", "s3", "stac", "serve", "dask")
 
 
 def norm(name: str) -> str:
@@ -64,8 +64,13 @@ def imported(folders: list[Path]) -> dict[str, str]:
     return found
 
 
+@functools.cache
+def installed() -> dict[str, list[str]]:
+    return md.packages_distributions()  # scans every installed distribution: once
+
+
 def distribution(module: str) -> str:
-    names = md.packages_distributions().get(module)
+    names = installed().get(module)
     assert names, f"{module}: imported but not installed"
     return norm(names[0])
 
