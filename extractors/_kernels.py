@@ -29,6 +29,7 @@ which keeps the cache small and lets the kernels stream contiguous memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -44,6 +45,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import platformdirs
 import rasterio.errors
 import shapely
 from affine import Affine
@@ -57,11 +59,15 @@ from cbm_core.model import HIST_COLUMNS, SCL_CLASSES, STATS, BandRef, RasterWind
 log = logging.getLogger("cbm.extract")
 
 CACHE_ENV = "CBM_CACHE_DIR"
+CACHE_MAX_MB_ENV = "CBM_CACHE_MAX_MB"
+# Disk the pixel-index cache may fill before the least recently used files go: a Sentinel-2 tile
+# of 500 000 parcels takes ~220 MB at 10 m (bench/extract-tile.json), so ~20 tiles' worth.
+DEFAULT_CACHE_MAX_MB = 5120.0
 INDEX_FORMAT = 2  # bump when the PixelIndex layout or the rasterization rule changes
 DEFAULT_BLOCK_PARCELS = 100_000
 
 # The options every fast extractor reads through extract_options (its CBM_OPTIONS include them).
-EXTRACT_OPTIONS = frozenset({"all_touched", "buffer", "block_parcels", "cache_dir"})
+EXTRACT_OPTIONS = frozenset({"all_touched", "buffer", "block_parcels", "cache_dir", "cache_max_mb"})
 
 ReadWindow = Callable[[BandRef, tuple[float, float, float, float], str], RasterWindow]
 
@@ -661,23 +667,31 @@ def same_crs(a: str, b: str) -> bool:
 
 
 def default_cache_dir() -> Path:
-    """$CBM_CACHE_DIR, else the user cache folder ($XDG_CACHE_HOME or ~/.cache)/cbm-engine."""
+    """$CBM_CACHE_DIR, else the user's cache folder for cbm-engine as the platform defines it
+    (platformdirs: $XDG_CACHE_HOME or ~/.cache on Linux, ~/Library/Caches on macOS, %LOCALAPPDATA%
+    on Windows)."""
     root = os.environ.get(CACHE_ENV)
     if root:
         return Path(root).expanduser() / "pixel-index"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cbm-engine" / "pixel-index"
+    return platformdirs.user_cache_path("cbm-engine", appauthor=False) / "pixel-index"
 
 
 class IndexCache:
     """PixelIndex per (parcel set, block, options, grid): in-process LRU in front of .npz files.
 
-    ``misses`` counts rasterizations, ``disk_hits`` loads from disk, ``hits`` in-memory reuse.
+    The folder holds at most ``max_bytes``: after each write, the least recently used files
+    (by modification time, which every use refreshes) are deleted until it fits, whichever
+    process wrote or used them. ``misses`` counts rasterizations, ``disk_hits`` loads from disk,
+    ``hits`` in-memory reuse, ``evicted`` files deleted to stay under the cap.
     """
 
-    def __init__(self, directory: Path | None, max_entries: int = 64) -> None:
+    def __init__(
+        self, directory: Path | None, max_entries: int = 64, max_bytes: float = DEFAULT_CACHE_MAX_MB * 2**20
+    ) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.evicted = 0
         self._lru: OrderedDict[str, PixelIndex] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -693,10 +707,13 @@ class IndexCache:
             if index is not None:
                 self._lru.move_to_end(key)
                 self.hits += 1
-                return index
+        if index is not None:
+            self._touch(key)
+            return index
         index = self._load(key, grid)
         if index is not None:
             self.disk_hits += 1
+            self._touch(key)
         else:
             self.misses += 1
             index = build_index(parcels, parcels.blocks[block], grid, options, key)
@@ -743,16 +760,48 @@ class IndexCache:
             os.replace(tmp, path)
         except OSError as exc:  # a read-only or full cache folder slows re-runs, nothing else
             log.warning("could not write pixel-index cache %s (%s)", path, exc)
+            return
+        self._prune()
+
+    def _touch(self, key: str) -> None:
+        """Mark a file as just used (its modification time), so eviction takes others first."""
+        path = self._path(key)
+        if path is not None:
+            with contextlib.suppress(OSError):  # evicted meanwhile, or a read-only folder
+                os.utime(path)
+
+    def _prune(self) -> None:
+        """Delete the least recently used index files until the folder holds at most max_bytes.
+
+        Several processes may prune at once: a file another one deleted first is skipped.
+        """
+        assert self.directory is not None
+        files = []
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(".npz") and not entry.name.endswith(".tmp.npz"):
+                    with contextlib.suppress(FileNotFoundError):
+                        stat = entry.stat()
+                        files.append((stat.st_mtime_ns, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                self.evicted += 1
+            total -= size
 
 
 _CACHES: dict[str, IndexCache] = {}
 
 
-def index_cache(directory: Path | None) -> IndexCache:
+def index_cache(directory: Path | None, max_bytes: float = DEFAULT_CACHE_MAX_MB * 2**20) -> IndexCache:
     """The process-wide cache for a folder (None: memory only), so scenes share it."""
     name = str(Path(directory).resolve()) if directory is not None else ""
     if name not in _CACHES:
         _CACHES[name] = IndexCache(directory)
+    _CACHES[name].max_bytes = max_bytes  # the latest configuration's cap
     return _CACHES[name]
 
 
@@ -1121,7 +1170,8 @@ class ExtractOptions:
 
 
 def extract_options(config: PluginConfig) -> ExtractOptions:
-    """Read all_touched, buffer, block_parcels and cache_dir (False: memory only) from a config."""
+    """Read all_touched, buffer, block_parcels, cache_dir (False: memory only) and cache_max_mb
+    (else $CBM_CACHE_MAX_MB, else DEFAULT_CACHE_MAX_MB) from a config."""
     where = f"{config.where} (plugin '{config.plugin}')"
     all_touched = config.get("all_touched", False)
     if not isinstance(all_touched, bool):
@@ -1139,7 +1189,18 @@ def extract_options(config: PluginConfig) -> ExtractOptions:
         directory = default_cache_dir()
     else:
         directory = config.path("cache_dir")
-    return ExtractOptions(RasterizeOptions(all_touched, buffer), index_cache(directory), block_parcels)
+    if config.get("cache_max_mb") is not None:
+        max_mb = float_option(config.get("cache_max_mb"), "cache_max_mb", where)
+    else:
+        text = os.environ.get(CACHE_MAX_MB_ENV, "").strip()
+        try:
+            max_mb = float(text) if text else DEFAULT_CACHE_MAX_MB
+        except ValueError:
+            raise ConfigError(f"environment variable {CACHE_MAX_MB_ENV}: not a number: {text!r}") from None
+    if not max_mb > 0:
+        raise ConfigError(f"{where}: the pixel-index cache needs cache_max_mb > 0, got {max_mb:g}")
+    cache = index_cache(directory, max_mb * 2**20)
+    return ExtractOptions(RasterizeOptions(all_touched, buffer), cache, block_parcels)
 
 
 def float_option(value: Any, name: str, where: str) -> float:

@@ -17,7 +17,9 @@ Options (``[[extract]]`` table):
   bands; else the band's offset from the catalogue (BandRef.offset); else the file's offset tag
   (physical = DN * scale + offset). Harmonised products (offset already removed) need neither.
 * ``all_touched`` (false), ``buffer`` (metres, negative shrinks), ``block_parcels`` (parcels per
-  streamed block, bounding memory), ``cache_dir`` (pixel-index cache; false: memory only).
+  streamed block, bounding memory), ``cache_dir`` (pixel-index cache; default $CBM_CACHE_DIR,
+  else the platform's user cache folder; false: memory only), ``cache_max_mb`` (disk the cache
+  may fill, default $CBM_CACHE_MAX_MB or 5120; the least recently used indexes go first).
 
 Nodata: the band's nodata, else 0 (the L2A fill value), is excluded. SCL gives no statistics row
 but the per-parcel count of each class 0-11 (class 0, no data, included); its clear-sky fraction

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from rasterio import features
 
+from cbm_core.config import PluginConfig
 from cbm_core.model import clear_fraction
 from extractors import _kernels as zonal
 from extractors._kernels import (
@@ -306,6 +307,53 @@ assert cache.misses == 1
     index = cache.get(prepared, 0, grid, RasterizeOptions())
     assert (cache.misses, cache.disk_hits) == (0, 1)
     assert index.pixel_counts().tolist() == _gdal_counts(prepared, grid)
+
+
+def test_disk_cache_stays_under_its_cap_evicting_the_least_recently_used(tmp_path):
+    prepared, _ = _demo_like(tmp_path)
+    grids = [
+        Grid(Affine(res, 0, 0, 0, -res, 100), (int(100 / res), int(200 / res)), CRS)
+        for res in (5, 10, 20, 25)
+    ]
+    folder = tmp_path / "cache"
+
+    def files() -> dict[str, int]:
+        return {p.name: p.stat().st_size for p in folder.glob("*.npz")}
+
+    probe = zonal.IndexCache(folder)
+    probe.get(prepared, 0, grids[0], RasterizeOptions())
+    cap = 2.5 * max(files().values())  # room for two indexes of this size
+    cache = zonal.IndexCache(folder, max_bytes=cap)
+    names = []
+    for grid in grids[1:3]:
+        cache.get(prepared, 0, grid, RasterizeOptions())
+        names.append(max(files(), key=lambda n: (folder / n).stat().st_mtime_ns))
+    assert sum(files().values()) <= cap and set(files()) == set(names)  # the first (oldest) went
+    zonal.IndexCache(folder, max_bytes=cap).get(prepared, 0, grids[1], RasterizeOptions())  # used again
+    cache.get(prepared, 0, grids[3], RasterizeOptions())
+    assert sum(files().values()) <= cap
+    assert names[0] in files() and names[1] not in files()  # least recently used, not first written
+    assert cache.evicted == 2
+
+
+def test_cache_folder_and_cap_come_from_config_environment_or_platform(tmp_path, monkeypatch):
+    import platformdirs
+
+    monkeypatch.delenv(zonal.CACHE_ENV, raising=False)
+    monkeypatch.delenv(zonal.CACHE_MAX_MB_ENV, raising=False)
+    monkeypatch.setattr(platformdirs, "user_cache_path", lambda app, appauthor: tmp_path / "platform" / app)
+    options = zonal.extract_options(PluginConfig("s2_l2a", {}, tmp_path, "[[extract]]"))
+    assert options.cache.directory == tmp_path / "platform" / "cbm-engine" / "pixel-index"
+    assert options.cache.max_bytes == zonal.DEFAULT_CACHE_MAX_MB * 2**20
+    monkeypatch.setenv(zonal.CACHE_MAX_MB_ENV, "64")
+    assert zonal.extract_options(PluginConfig("s2_l2a", {}, tmp_path)).cache.max_bytes == 64 * 2**20
+    configured = PluginConfig("s2_l2a", {"cache_dir": "c", "cache_max_mb": 1.5}, tmp_path, "[[extract]]")
+    assert zonal.extract_options(configured).cache.max_bytes == 1.5 * 2**20
+    with pytest.raises(zonal.ConfigError, match="cache_max_mb > 0"):
+        zonal.extract_options(PluginConfig("s2_l2a", {"cache_max_mb": 0}, tmp_path, "[[extract]]"))
+    monkeypatch.setenv(zonal.CACHE_MAX_MB_ENV, "lots")
+    with pytest.raises(zonal.ConfigError, match="CBM_CACHE_MAX_MB: not a number: 'lots'"):
+        zonal.extract_options(PluginConfig("s2_l2a", {}, tmp_path))
 
 
 def test_unreadable_cache_file_is_rebuilt(tmp_path, caplog):
