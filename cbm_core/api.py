@@ -46,7 +46,9 @@ def engine() -> Engine:
     return Engine()
 
 
-def run(config_path: PathLike, force: bool = False, progress: bool | None = None) -> RunResult:
+def run(
+    config_path: PathLike, force: bool = False, progress: bool | None = None, wait: bool = False
+) -> RunResult:
     """Run a configuration file end to end (the Python twin of `cbm run`).
 
     Parameters
@@ -54,6 +56,7 @@ def run(config_path: PathLike, force: bool = False, progress: bool | None = None
     config_path: the run configuration (TOML), as `cbm run` takes it.
     force: extract every scene again, even those already stored.
     progress: progress bars (None: on terminals only).
+    wait: if another run holds the output folder, wait for it (default: refuse, naming it).
 
     Returns
     -------
@@ -64,7 +67,7 @@ def run(config_path: PathLike, force: bool = False, progress: bool | None = None
     >>> result = run("demo/flanders.toml")  # doctest: +SKIP
     >>> result.verdicts["light"].value_counts()  # doctest: +SKIP
     """
-    return Engine(progress=progress).run(load_run_config(Path(config_path)), force=force)
+    return Engine(progress=progress).run(load_run_config(Path(config_path)), force=force, wait=wait)
 
 
 def read_parcels(path: PathLike, *, source: str = "local", **options: Any) -> gpd.GeoDataFrame:

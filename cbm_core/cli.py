@@ -82,7 +82,8 @@ def cli(log_level: str, log_format: str) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--cluster", "address", metavar="tcp://HOST:PORT", help="Run on this dask scheduler.")
 @click.option("--workers", type=click.IntRange(min=1), help="Run on a local dask cluster of N workers.")
-def run(config: Path, force: bool, quiet: bool, address: str | None, workers: int | None) -> None:
+@click.option("--wait", is_flag=True, help="If another run holds the output folder, wait for it to finish.")
+def run(config: Path, force: bool, quiet: bool, address: str | None, workers: int | None, wait: bool) -> None:
     """Run CONFIG (TOML): extract missing scenes, run markers and rules, write verdicts.
 
     Writes to the config's [run] out folder: verdicts.gpkg and verdicts.csv (one row per parcel
@@ -90,6 +91,8 @@ def run(config: Path, force: bool, quiet: bool, address: str | None, workers: in
     run's log records, appended) and the signature store (Parquet, by default out/signatures).
     Re-running skips stored scenes.
     With --cluster, --workers or a [cluster] table, scenes and parcel partitions run on dask.
+    One run at a time per output folder (and signature-store folder): a second is refused
+    naming the holder, unless --wait.
     """
     from dataclasses import replace
 
@@ -103,7 +106,8 @@ def run(config: Path, force: bool, quiet: bool, address: str | None, workers: in
     with logs.run_log(settings.out_dir):
         log.info("run %s started", config, extra={"config": str(config), "force": force})
         try:
-            result = Engine(plugins=_plugins(), progress=False if quiet else None).run(settings, force=force)
+            engine = Engine(plugins=_plugins(), progress=False if quiet else None)
+            result = engine.run(settings, force=force, wait=wait)
         except Exception as exc:
             log.error("run %s stopped: %s", config, exc)
             raise
@@ -167,6 +171,10 @@ def extract(
     from cbm_core.model import signatures_table
     from cbm_core.pipeline import Engine
 
+    if out.is_dir():
+        raise click.ClickException(
+            f"--out {out} is a folder; give the Parquet file to write, e.g. {out / 'signatures.parquet'}"
+        )
     requested = _parse_bands(band_specs)
     engine = Engine(plugins=_plugins())
     config = PluginConfig(
@@ -189,8 +197,7 @@ def extract(
     for obsid, reason in report.failed.items():
         click.echo(f"failed {obsid}: {reason}", err=True)
     table = signatures_table(signatures, catalogue)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out, index=False)
+    write_table(table, out)
     click.echo(f"{len(table)} signature rows from {len(report.extracted)} scene(s) written to {out}")
 
 
@@ -255,6 +262,7 @@ def schemes() -> None:
     show_default=True,
     help="Added to S2 reflectance after scaling (e.g. -0.1 for DN of baseline >= 04.00).",
 )
+@click.option("--wait", is_flag=True, help="If another run holds the output folder, wait for it to finish.")
 @click.option(
     "--source",
     default="table",
@@ -268,6 +276,7 @@ def score(
     parcels_path: Path | None,
     scale: str,
     offset: float,
+    wait: bool,
     source: str,
 ) -> None:
     """Run a scheme's markers and rule on ready-made signatures (another backend's statistics).
@@ -283,13 +292,32 @@ def score(
     if parcels_path is not None:
         options["parcels"] = str(parcels_path)
     series = engine.signatures(PluginConfig(source, options, Path.cwd(), "--signatures"))
-    results, verdicts = runs.score(engine, series, plan, out, str(signatures))
+    results, verdicts = runs.score(engine, series, plan, out, str(signatures), wait=wait)
     lights = verdicts["light"].value_counts()
     counts = {light: int(lights.get(light, 0)) for light in ("green", "yellow", "red")}
     click.echo(
         f"{len(verdicts)} parcels, {len(results)} marker results; verdicts: {counts['green']} green, "
         f"{counts['yellow']} yellow, {counts['red']} red; written to {out}"
     )
+
+
+def write_table(table, out: Path) -> None:
+    """Write a Parquet file through a temporary beside it, naming the file on failure."""
+    import os
+    import uuid
+
+    from cbm_core.errors import InputError
+    from cbm_core.locks import make_folder
+
+    make_folder(out.parent)
+    temporary = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        table.to_parquet(temporary, index=False)
+        os.replace(temporary, out)
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _parse_bands(specs: tuple[str, ...]) -> dict[str, list[str]]:

@@ -21,6 +21,8 @@ from typing import IO, Any
 
 import orjson
 
+from cbm_core.locks import make_folder
+
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 DEFAULT_LEVEL = "info"
@@ -133,7 +135,7 @@ def _run_files(root: logging.Logger) -> list[logging.Handler]:
 def run_log(folder: Path) -> Iterator[Path]:
     """Also write the log records of the enclosed work to folder/run.log (appended: a re-run adds
     to it), in the configured format, at INFO or the console's level if that is lower."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)  # one clear line when the folder cannot be made, not a traceback
     path = folder / RUN_LOG
     root = logging.getLogger()
     console = _level(os.environ.get(LEVEL_ENV) or DEFAULT_LEVEL)

@@ -6,6 +6,7 @@ dataclasses so plugin authors get names, types and defaults instead of bare dict
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import date
@@ -213,36 +214,113 @@ def require_columns(frame: pd.DataFrame, columns: Iterable[str], what: str) -> N
         )
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of parcel ids (stored as int64 everywhere)
+
+
+def int64_ids(values: pd.Series, what: str, column: str = "pid") -> pd.Series:
+    """Ids as int64, refusing (naming the value) anything that is not an integer within int64's range.
+
+    A plain astype would wrap 1e20 or "99999999999999999999" to -9223372036854775808: a parcel
+    nobody declared, silently judged.
+    """
+    kind = values.dtype.kind
+    if kind == "i":
+        return values.astype("int64")
+    if kind == "u":
+        ok = (values <= INT64_MAX).to_numpy()
+    elif kind == "f":
+        numbers = values.to_numpy()
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(numbers) & (numbers % 1 == 0) & (numbers >= INT64_MIN) & (numbers < 2.0**63)
+    else:  # text or mixed: value by value, exactly (a float would round near the limits)
+        exact = values.map(_exact_int64)
+        ok = exact.notna().to_numpy()
+        if ok.all():
+            return exact.astype("int64")
+    if not ok.all():
+        raise InputError(
+            f"{what}: column {column} must hold integers; bad value {_plain(values[~ok].iloc[0])!r} "
+            f"(ids are 64-bit: {INT64_MIN} to {INT64_MAX})"
+        )
+    return values.astype("int64")
+
+
+def _exact_int64(value: Any) -> int | None:
+    """One id as a Python int if it is an integer within int64's range, else None."""
+    if isinstance(value, bool | np.bool_) or value is None:
+        return None
+    if isinstance(value, int | np.integer):
+        number = int(value)
+    else:
+        text = str(value).strip()
+        try:
+            number = int(text)
+        except ValueError:
+            try:
+                real = float(text)
+            except ValueError:
+                return None
+            if not math.isfinite(real) or not real.is_integer():
+                return None
+            number = int(real)
+    return number if INT64_MIN <= number <= INT64_MAX else None
+
+
 def validate_parcels(parcels: gpd.GeoDataFrame, what: str) -> gpd.GeoDataFrame:
     """Check the parcel table: unique integer pids, a CRS, and usable geometries."""
     require_columns(parcels, PARCEL_COLUMNS, what)
     if parcels.crs is None:
         raise InputError(f"{what}: the parcels have no CRS")
-    pid = parcels["pid"]
-    if not pd.api.types.is_integer_dtype(pid):
-        converted = pd.to_numeric(pid, errors="coerce")
-        bad = pid[converted.isna() | (converted % 1 != 0)]
-        if len(bad):
-            raise InputError(f"{what}: column pid must hold integers; bad value {_plain(bad.iloc[0])!r}")
-        parcels = parcels.assign(pid=converted.astype("int64"))
-    parcels = parcels.assign(pid=parcels["pid"].astype("int64"))  # one pid dtype whatever the file format
+    parcels = parcels.assign(pid=int64_ids(parcels["pid"], what))  # one pid dtype whatever the file
     duplicated = parcels["pid"][parcels["pid"].duplicated()]
     if len(duplicated):
         raise InputError(f"{what}: column pid has duplicated value {int(duplicated.iloc[0])}")
-    return _checked_geometries(parcels)
+    return _checked_geometries(parcels, what)
 
 
-def _checked_geometries(parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """Repair invalid polygons and note empty ones per parcel in an `issue` column.
+AREAL_TYPE_IDS = (3, 6, 7)  # shapely type ids of Polygon, MultiPolygon, GeometryCollection (repaired below)
+GEOGRAPHIC_LIMITS = (180.0, 90.0)  # |longitude|, |latitude| in degrees
+
+
+def _check_geographic_range(parcels: gpd.GeoDataFrame, missing: np.ndarray, what: str) -> None:
+    """Refuse projected coordinates (metres) labelled with a geographic CRS such as EPSG:4326:
+    they would fall outside every scene and end as '0 clear observations'."""
+    if not parcels.crs.is_geographic or missing.all():
+        return
+    minx, miny, maxx, maxy = shapely.total_bounds(parcels.geometry.values[~missing])
+    lon, lat = GEOGRAPHIC_LIMITS
+    if max(abs(minx), abs(maxx)) > lon or max(abs(miny), abs(maxy)) > lat:
+        raise InputError(
+            f"{what}: coordinates up to ({max(abs(minx), abs(maxx)):.0f}, {max(abs(miny), abs(maxy)):.0f}) "
+            f"are not longitude/latitude although the CRS is {parcels.crs.to_string()}: projected "
+            "coordinates with a wrong CRS label? Set the file's real CRS (e.g. its UTM zone)"
+        )
+
+
+def _checked_geometries(parcels: gpd.GeoDataFrame, what: str = "parcels") -> gpd.GeoDataFrame:
+    """Repair invalid polygons and note empty and non-areal ones per parcel in an `issue` column.
 
     A bad outline is the parcel's problem, not the run's: it stays in the table so that it
     still gets a (yellow) verdict that says what is wrong with it.
     """
     geoms = parcels.geometry.values
     missing = np.asarray(shapely.is_missing(geoms) | shapely.is_empty(geoms))
-    invalid = ~missing & ~np.asarray(shapely.is_valid(geoms))
+    kinds = np.asarray(shapely.get_type_id(geoms))
+    areal = missing | np.isin(kinds, AREAL_TYPE_IDS)
+    if len(parcels) and not areal.any():
+        first = int(np.flatnonzero(~missing)[0])
+        raise InputError(
+            f"{what}: parcels must be polygons, found {geoms[first].geom_type} "
+            f"(pid {parcels['pid'].iloc[first]}); a point or line covers no pixel"
+        )
+    _check_geographic_range(parcels, missing, what)
+    invalid = ~missing & areal & ~np.asarray(shapely.is_valid(geoms))
     issue = np.full(len(parcels), "", dtype=object)
     issue[missing] = "empty geometry"
+    if not areal.all():
+        issue[~areal] = [f"not a polygon ({g.geom_type}): covers no pixel" for g in geoms[~areal]]
+        geoms = geoms.copy()
+        geoms[~areal] = shapely.Polygon()  # extractors see an empty parcel; the verdict says why
     if invalid.any():
         reasons = shapely.is_valid_reason(geoms[invalid])
         issue[invalid] = [f"invalid geometry repaired ({r})" for r in reasons]
@@ -250,7 +328,7 @@ def _checked_geometries(parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
         geoms[invalid] = [_polygonal(g) for g in shapely.make_valid(geoms[invalid])]
     previous = parcels["issue"].fillna("").astype(str).to_numpy() if "issue" in parcels else None
     if previous is not None:
-        issue = np.where(issue == "", previous, issue)
+        issue = np.where(previous != "", previous, issue)  # the first check saw the original outline
     return parcels.assign(issue=issue).set_geometry(
         gpd.GeoSeries(geoms, index=parcels.index, crs=parcels.crs)
     )

@@ -300,13 +300,16 @@ class Engine:
             self.plugins.check_options(table)
         self.check_scheme(scheme)
 
-    def run(self, config: RunConfig, force: bool = False, cluster: Any = None) -> RunResult:
+    def run(
+        self, config: RunConfig, force: bool = False, cluster: Any = None, wait: bool = False
+    ) -> RunResult:
         """`cbm run`: extract what is missing, score every parcel, write verdicts and a summary.
 
         cluster (a ClusterConfig or a dask Client; default: the config's [cluster] table) runs the
-        same work units on dask.distributed; cbm_core.runs decides which strategy runs.
+        same work units on dask.distributed; cbm_core.runs decides which strategy runs. A run
+        holding the output folder is an error, or with wait is waited for (cbm_core.locks).
         """
-        return runs.run(self, config, force=force, cluster=cluster)
+        return runs.run(self, config, force=force, cluster=cluster, wait=wait)
 
     @property
     def progress_disabled(self) -> bool | None:

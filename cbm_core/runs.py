@@ -16,6 +16,7 @@ import pandas as pd
 
 from cbm_core.config import ClusterConfig, RunConfig, Scheme
 from cbm_core.distributed import run_distributed
+from cbm_core.locks import folder_lock, folder_locks
 from cbm_core.model import TimeSeries, time_series
 from cbm_core.outputs import RunResult, run_summary, write_outputs
 
@@ -23,13 +24,31 @@ if TYPE_CHECKING:
     from cbm_core.pipeline import Engine
 
 
-def run(engine: Engine, config: RunConfig, force: bool = False, cluster: Any = None) -> RunResult:
+def run(
+    engine: Engine, config: RunConfig, force: bool = False, cluster: Any = None, wait: bool = False
+) -> RunResult:
     """Run a configuration: on dask when cluster (a ClusterConfig or a dask Client; default the
-    config's [cluster] table) asks for it, else in this process."""
+    config's [cluster] table) asks for it, else in this process.
+
+    The run holds the lock of its output folder and of a folder store (cbm_core.locks): a second
+    run on them is refused naming the holder, or with wait queues behind it.
+    """
     cluster = config.cluster if cluster is None else cluster
-    if not isinstance(cluster, ClusterConfig) or cluster.enabled:
-        return run_distributed(engine, config, cluster, force)
-    return run_local(engine, config, force)
+    scheme = config.scheme or engine.scheme(str(config.scheme_ref), config.base_dir)
+    engine.check(config, scheme)  # a mistake in the configuration is refused before any folder is made
+    with folder_locks(run_folders(config), wait=wait):
+        if not isinstance(cluster, ClusterConfig) or cluster.enabled:
+            return run_distributed(engine, config, cluster, force)
+        return run_local(engine, config, force)
+
+
+def run_folders(config: RunConfig) -> list[tuple[Path, str]]:
+    """The folders a run writes: its output folder, and its store's folder when the store keeps
+    signatures in one (a `path` option, as the Parquet store)."""
+    folders = [(config.out_dir, "output folder")]
+    if config.store.get("path") is not None:
+        folders.append((config.store.path("path"), "signature store"))
+    return folders
 
 
 def run_local(engine: Engine, config: RunConfig, force: bool = False) -> RunResult:
@@ -53,12 +72,27 @@ def run_local(engine: Engine, config: RunConfig, force: bool = False) -> RunResu
 
 
 def score(
-    engine: Engine, series: TimeSeries, scheme: Scheme, out_dir: Path | None = None, origin: str = ""
+    engine: Engine,
+    series: TimeSeries,
+    scheme: Scheme,
+    out_dir: Path | None = None,
+    origin: str = "",
+    wait: bool = False,
 ) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
     """`cbm score`: a scheme's markers and rule over ready-made signatures, no extraction.
 
-    Returns (marker results, verdicts); with ``out_dir`` also writes the outputs of `cbm run`.
+    Returns (marker results, verdicts); with ``out_dir`` also writes the outputs of `cbm run`,
+    holding the folder's lock as a run does.
     """
+    if out_dir is None:
+        return _score(engine, series, scheme, None, origin)
+    with folder_lock(Path(out_dir), wait=wait):
+        return _score(engine, series, scheme, Path(out_dir), origin)
+
+
+def _score(
+    engine: Engine, series: TimeSeries, scheme: Scheme, out_dir: Path | None, origin: str
+) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
     started = time.perf_counter()
     results = engine.run_markers(series, scheme)
     verdicts = engine.decide(results, series.parcels, scheme)

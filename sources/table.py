@@ -21,7 +21,8 @@ import pandas as pd
 from cbm_core import impl
 from cbm_core.config import PluginConfig
 from cbm_core.errors import InputError
-from cbm_core.model import CARDS, HIST_COLUMNS, STATS, TimeSeries, validate_parcels
+from cbm_core.model import CARDS, HIST_COLUMNS, STATS, TimeSeries, int64_ids, validate_parcels
+from sources.local import read_parcel_file
 
 CBM_OPTIONS = frozenset({"signatures", "parcels", "scale", "offset"})  # the options it reads
 
@@ -84,10 +85,7 @@ def signatures_series(
     if unknown:
         raise InputError(f"{what}: unknown card(s) {', '.join(unknown)}; expected {', '.join(CARDS)}")
     frame["band"] = frame["band"].astype(str)
-    pid = pd.to_numeric(frame["pid"], errors="coerce")
-    if pid.isna().any() or (pid % 1 != 0).any():
-        raise InputError(f"{what}: column pid must hold integers")
-    frame["pid"] = pid.astype("int64")
+    frame["pid"] = int64_ids(frame["pid"], what)
     if "orbit" not in frame.columns:
         frame["orbit"] = None
     if "obsid" not in frame.columns:
@@ -100,7 +98,7 @@ def signatures_series(
     for column in STATS:
         if column not in frame.columns:
             frame[column] = 0.0 if column == "std" else frame["mean"]
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        frame[column] = numeric_column(frame[column], table, column, what)
     factor = reflectance_scale(scale)
     reflectance = (frame["card"] == "s2") & (frame["band"] != "SCL")
     typical = float(frame.loc[reflectance, "mean"].median()) if reflectance.any() else 0.0
@@ -130,11 +128,28 @@ def signatures_series(
     return TimeSeries(stats, scl, parcels)
 
 
+def numeric_column(values: pd.Series, table: pd.DataFrame, column: str, what: str) -> pd.Series:
+    """A statistic as numbers; text that is not a number is refused naming its row and column, as
+    `cbm run` refuses it (a NaN would quietly turn a red parcel yellow). Empty cells stay missing."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values
+    numbers = pd.to_numeric(values, errors="coerce")
+    blank = values.isna() | values.astype(str).str.strip().isin(("", "nan", "NaN"))
+    bad = values[numbers.isna() & ~blank]
+    if len(bad):
+        row = table.index.get_loc(bad.index[0])
+        raise InputError(
+            f"{what}: column {column} must be numeric; bad value {bad.iloc[0]!r} in row {row + 1} "
+            f"(pid {table['pid'].iloc[row]})"
+        )
+    return numbers
+
+
 def parcels_from_table(table: pd.DataFrame) -> gpd.GeoDataFrame:
     """Declared parcels when only signatures are given: crop columns if present, no geometry."""
     cols = [c for c in ("crop_code", "crop_name") if c in table.columns]
     declared = table[["pid", *cols]].drop_duplicates("pid").copy()
-    declared["pid"] = pd.to_numeric(declared["pid"]).astype("int64")
+    declared["pid"] = int64_ids(declared["pid"], "signatures")
     for column in ("crop_code", "crop_name"):
         if column not in declared.columns:
             declared[column] = ""
@@ -150,7 +165,7 @@ def read_signatures(
 ) -> TimeSeries:
     """Read a tidy Parquet/CSV signature file (and optionally the declared parcels) as a TimeSeries."""
     if parcels is not None and not isinstance(parcels, gpd.GeoDataFrame):
-        parcels = gpd.read_file(parcels)
+        parcels = read_parcel_file(Path(parcels))  # as `cbm run` reads them (crop_name, crop_code columns)
     return signatures_series(read_table(Path(path)), parcels, scale, offset, what=str(path))
 
 

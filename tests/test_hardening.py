@@ -46,7 +46,7 @@ def test_unknown_key_in_a_known_section_is_refused_with_a_did_you_mean(tmp_path,
     config = write_config(tmp_path, body)
     line = error_line(invoke("run", str(config)))
     assert expected in line and str(config) in line
-    assert not (tmp_path / "out").exists()  # refused before any work
+    assert not (tmp_path / "out" / "signatures").exists()  # refused before any work
 
 
 def test_unknown_source_option_names_the_plugin_and_its_valid_options(tmp_path, demo_dir):
@@ -157,3 +157,178 @@ def test_server_configuration_refuses_unknown_keys_and_plugin_options(tmp_path):
         ConfigError, match=r"store \(plugin 'parquet'\): unknown key 'pth' \(did you mean 'path'"
     ):
         check_plugins(settings, load_plugins())
+
+
+# Values at the edge of their type -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_signatures(tmp_path_factory, demo_dir) -> Path:
+    """The demo's Sentinel-2 signatures as the tidy table `cbm score` reads (written by `cbm extract`)."""
+    out = tmp_path_factory.mktemp("signatures") / "sig.parquet"
+    result = invoke(
+        "extract", "--parcels", str(demo_dir / "parcels.gpkg"), "--scenes", str(demo_dir / "scenes.csv"),
+        "--out", str(out), "--bands", "s2:B04,B08,SCL",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("pid", [1e20, "99999999999999999999", -(2**63) - 1])
+def test_pids_beyond_int64_are_refused_naming_the_value(tmp_path, demo_dir, demo_signatures, pid):
+    import geopandas as gpd
+    import pandas as pd
+
+    parcels = gpd.read_file(demo_dir / "parcels.gpkg")
+    parcels["pid"] = parcels["pid"].astype(object)
+    parcels.loc[3, "pid"] = pid
+    if isinstance(pid, int):  # beyond what a GeoPackage integer holds: as text, through GeoJSON
+        parcels["pid"] = parcels["pid"].astype(str)
+    path = tmp_path / "p.geojson"
+    parcels.to_file(path, driver="GeoJSON")
+    config = write_config(tmp_path, f'[source]\nparcels = "{path}"\nscenes = "{demo_dir / "scenes.csv"}"\n')
+    line = error_line(invoke("run", str(config)))
+    assert "column pid must hold integers; bad value" in line
+    assert "(ids are 64-bit: -9223372036854775808 to 9223372036854775807)" in line
+    assert repr(pid) in line or str(pid) in line
+    table = pd.read_parquet(demo_signatures)
+    table["pid"] = table["pid"].astype(object)
+    table.loc[table["pid"] == 4, "pid"] = pid
+    table.to_csv(tmp_path / "sig.csv", index=False)
+    line = error_line(invoke("score", "--signatures", str(tmp_path / "sig.csv"), "--scheme", "ndvi-drop",
+                             "--out", str(tmp_path / "o")))  # fmt: skip
+    assert "sig.csv: column pid must hold integers" in line and str(pid).replace("e+", "e") in line.replace(
+        "e+", "e"
+    )
+
+
+def test_score_refuses_a_non_numeric_statistic_naming_row_and_column(tmp_path, demo_signatures):
+    import pandas as pd
+
+    table = pd.read_parquet(demo_signatures)
+    table["mean"] = table["mean"].astype(object)
+    table.loc[5, "mean"] = "0.3x"
+    table.to_csv(tmp_path / "sig.csv", index=False)
+    out = tmp_path / "o"
+    line = error_line(invoke("score", "--signatures", str(tmp_path / "sig.csv"), "--scheme", "ndvi-drop",
+                             "--out", str(out)))  # fmt: skip
+    assert f"column mean must be numeric; bad value '0.3x' in row 6 (pid {table['pid'][5]})" in line
+    assert not out.exists()
+
+
+def test_score_accepts_the_parcel_file_run_accepts(tmp_path, demo_dir, demo_signatures):
+    result = invoke("score", "--signatures", str(demo_signatures), "--scheme", "ndvi-drop",
+                    "--out", str(tmp_path / "o"), "--parcels", str(demo_dir / "parcels.gpkg"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "18 parcels" in result.output
+
+
+def test_points_lines_and_mislabelled_utm_parcels_are_refused(tmp_path, demo_dir):
+    import geopandas as gpd
+
+    parcels = gpd.read_file(demo_dir / "parcels.gpkg")
+    scenes = demo_dir / "scenes.csv"
+    for kind, geometry in (("Point", parcels.centroid), ("LineString", parcels.boundary)):
+        parcels.set_geometry(geometry).to_file(tmp_path / f"{kind}.gpkg")
+        config = write_config(
+            tmp_path, f'[source]\nparcels = "{tmp_path / f"{kind}.gpkg"}"\nscenes = "{scenes}"\n'
+        )
+        line = error_line(invoke("run", str(config)))
+        assert (
+            "parcels must be polygons, found " in line and f"{kind} (pid 1); a point or line covers" in line
+        )
+    mixed = parcels.copy()
+    mixed.loc[2, "geometry"] = mixed.geometry[2].centroid
+    mixed.to_file(tmp_path / "mixed.gpkg")
+    config = write_config(tmp_path, f'[source]\nparcels = "{tmp_path / "mixed.gpkg"}"\nscenes = "{scenes}"\n')
+    from cbm_core.api import run
+
+    verdicts = run(config, progress=False).verdicts.set_index("pid")
+    assert verdicts.loc[3, "light"] == "yellow" and "not a polygon (Point)" in verdicts.loc[3, "reasons"]
+    parcels.set_crs("EPSG:4326", allow_override=True).to_file(tmp_path / "mislabelled.gpkg")
+    config = write_config(
+        tmp_path, f'[source]\nparcels = "{tmp_path / "mislabelled.gpkg"}"\nscenes = "{scenes}"\n'
+    )
+    line = error_line(invoke("run", str(config)))
+    assert "are not longitude/latitude although the CRS is EPSG:4326" in line and "mislabelled.gpkg" in line
+
+
+# Output folders: creatable, one run at a time, no stale temporaries ---------------------------------
+
+
+@pytest.mark.parametrize("out", ["/proc/cbm-out", "afile/out"])
+def test_output_folder_that_cannot_be_created_is_one_error_line(tmp_path, out):
+    (tmp_path / "afile").write_text("not a folder")
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('out = "out"', f'out = "{out}"'))
+    line = error_line(invoke("run", str(config)))
+    assert line.startswith("Error: cannot create output folder") and out in line
+
+
+def test_extract_out_pointing_at_a_folder_is_one_error_line(tmp_path, demo_dir):
+    args = ["extract", "--parcels", str(demo_dir / "parcels.gpkg"), "--scenes", str(demo_dir / "scenes.csv")]
+    line = error_line(invoke(*args, "--out", str(tmp_path), "--bands", "s2:B04"))
+    assert f"--out {tmp_path} is a folder" in line
+    (tmp_path / "afile").write_text("x")
+    line = error_line(invoke(*args, "--out", str(tmp_path / "afile" / "s.parquet"), "--bands", "s2:B04"))
+    assert "cannot create output folder" in line and "afile" in line
+
+
+def test_second_run_on_a_held_output_folder_is_refused_naming_the_holder_or_waits(tmp_path):
+    import os
+    import socket
+    import threading
+    import time
+
+    from cbm_core.locks import folder_lock
+
+    config = write_config(tmp_path)
+    out = tmp_path / "out"
+    with folder_lock(out):
+        done = subprocess.run([CBM, "run", "--quiet", str(config)], capture_output=True, text=True)
+        assert done.returncode == 1 and not (out / "summary.json").exists()
+        assert done.stderr.strip().splitlines() == [
+            f"Error: output folder {out} is in use by another run (pid {os.getpid()} on "
+            f"{socket.gethostname()}, started {done.stderr.split('started ')[1].split(')')[0]}); "
+            "wait for it to finish, or run with --wait to queue behind it"
+        ]
+        released = threading.Event()
+
+        def release_later() -> None:
+            time.sleep(1.0)
+            released.set()
+
+        threading.Thread(target=release_later).start()
+        waiting = subprocess.Popen(
+            [CBM, "run", "--quiet", "--wait", str(config)], stdout=subprocess.PIPE, text=True
+        )
+        released.wait()
+        time.sleep(0.5)
+        assert waiting.poll() is None  # still queued behind the holder
+    assert waiting.wait(timeout=300) == 0 and (out / "summary.json").exists()
+
+
+def test_a_shared_parquet_store_is_locked_too(tmp_path):
+    from cbm_core.locks import folder_lock
+
+    store = tmp_path / "shared-store"
+    config = write_config(tmp_path, f'[store]\nplugin = "parquet"\npath = "{store}"\n')
+    with folder_lock(store, what="signature store"):
+        line = error_line(invoke("run", "--quiet", str(config)))
+    assert f"signature store {store} is in use by another run" in line
+
+
+def test_temporaries_of_a_killed_run_are_removed_at_start_up(tmp_path):
+    config = write_config(tmp_path)
+    stats = tmp_path / "out" / "signatures" / "stats"
+    stats.mkdir(parents=True)
+    stale = [
+        stats / ".S2A_MSIL2A_20230415-1a2b3c4d.parquet.0123456789abcdef0123456789abcdef.tmp",
+        tmp_path / "out" / ".fedcba9876543210fedcba9876543210.gpkg",
+    ]
+    keep = tmp_path / "out" / "notes.txt"
+    for path in [*stale, keep]:
+        path.write_text("x")
+    assert invoke("run", "--quiet", str(config)).exit_code == 0
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert not [p.name for p in (tmp_path / "out").rglob(".*") if p.name != ".cbm-run.lock"]
