@@ -108,6 +108,9 @@ def run(config: Path, force: bool, quiet: bool, address: str | None, workers: in
         try:
             engine = Engine(plugins=_plugins(), progress=False if quiet else None)
             result = engine.run(settings, force=force, wait=wait)
+        except CbmError as exc:  # the user's to fix: the console shows it once, as the Error line
+            log.error("run %s stopped: %s", config, exc, extra={logs.FILE_ONLY: True})
+            raise
         except Exception as exc:
             log.error("run %s stopped: %s", config, exc)
             raise

@@ -30,6 +30,7 @@ DEFAULT_FORMAT = "text"
 LEVEL_ENV = "CBM_LOG_LEVEL"
 FORMAT_ENV = "CBM_LOG_FORMAT"
 RUN_LOG = "run.log"  # written beside summary.json by `cbm run`
+FILE_ONLY = "_file_only"  # extra={FILE_ONLY: True}: for run.log, not the console (which says it otherwise)
 # Libraries that log every routine step at INFO (psycopg_pool: each connection handed out); they
 # speak at WARNING unless the operator asks for debug.
 CHATTY = ("psycopg.pool", "psycopg", "numba", "fsspec", "botocore", "urllib3", "asyncio")
@@ -115,6 +116,7 @@ def configure(level: str | None = None, fmt: str | None = None, stream: IO[str] 
     handler = logging.StreamHandler(stream) if stream is not None else _Stderr()
     handler.setFormatter(formatter(fmt))
     handler._cbm = "console"  # type: ignore[attr-defined]
+    handler.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_cbm", None) == "console"]:
         root.removeHandler(old)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from cbm_core.config import load_run_config
 from cbm_core.errors import ConfigError
 from cbm_core.pipeline import Engine
 
+INFO_RECORD = re.compile(r"^\S+Z INFO ")  # progress records on the console (cbm_core.logs), not errors
 CBM = str(Path(sys.executable).with_name("cbm"))
 
 
@@ -27,7 +29,7 @@ def invoke(*args: str):
 def error_line(result) -> str:
     """The one `Error:` line of a refused command (and nothing but it)."""
     assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    lines = [line for line in result.output.splitlines() if line.strip() and not INFO_RECORD.match(line)]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     return lines[0]
 
@@ -133,7 +135,7 @@ def test_installed_cbm_refuses_a_misspelt_key_in_one_line(tmp_path):
     config.write_text(config.read_text().replace('out = "out"', 'otu = "out"'))
     done = subprocess.run([CBM, "run", str(config)], capture_output=True, text=True)
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == [
+    assert [line for line in done.stderr.splitlines() if not INFO_RECORD.match(line)] == [
         f"Error: {config} [run]: unknown key 'otu' (did you mean 'out'?); valid keys: out"
     ]
 
@@ -287,11 +289,12 @@ def test_second_run_on_a_held_output_folder_is_refused_naming_the_holder_or_wait
     with folder_lock(out):
         done = subprocess.run([CBM, "run", "--quiet", str(config)], capture_output=True, text=True)
         assert done.returncode == 1 and not (out / "summary.json").exists()
-        assert done.stderr.strip().splitlines() == [
-            f"Error: output folder {out} is in use by another run (pid {os.getpid()} on "
-            f"{socket.gethostname()}, started {done.stderr.split('started ')[1].split(')')[0]}); "
-            "wait for it to finish, or run with --wait to queue behind it"
-        ]
+        lines = [line for line in done.stderr.splitlines() if not INFO_RECORD.match(line)]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"Error: output folder {out} is in use by another run "
+            f"(pid {os.getpid()} on {socket.gethostname()}, started 20"
+        )
+        assert lines[0].endswith("); wait for it to finish, or run with --wait to queue behind it")
         released = threading.Event()
 
         def release_later() -> None:
