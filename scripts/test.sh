@@ -12,6 +12,10 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! ls /usr/share/post
 fi
 command -v chromium >/dev/null 2>&1 || apt_install chromium chromium-driver
 pip install -q -e ".[all,docs,test]" ./examples/cbm-example-plugin 2>&1 | grep -v "^WARNING: Location" || true
+# The unchanged JRC client (tests/test_jrc_client.py) in its own virtualenv, so that its pins
+# (pandas < 2: it calls DataFrame.append) never touch ours.
+if [ ! -x .venv-jrc/bin/python ]; then python -m venv .venv-jrc; fi
+.venv-jrc/bin/python -m pip install -q "cbm==0.0.18" "pandas<2" "numpy<2" 2>&1 | grep -v "^WARNING: Location" || true
 ruff format --check .
 ruff check .
 python -m pytest "$@"
