@@ -18,4 +18,14 @@ if [ ! -x .venv-jrc/bin/python ]; then python -m venv .venv-jrc; fi
 .venv-jrc/bin/python -m pip install -q "cbm==0.0.18" "pandas<2" "numpy<2" 2>&1 | grep -v "^WARNING: Location" || true
 ruff format --check .
 ruff check .
-python -m pytest "$@"
+# Coverage of every package, subprocesses included ([tool.coverage] in pyproject.toml); each package
+# must keep its floor (docs/testing.md: numba kernels are excluded by rule, not by hand).
+python -m pytest --cov --cov-report= "$@"
+python -m coverage report --skip-covered --skip-empty --sort=cover | tail -25
+if [ $# -eq 0 ]; then  # floors hold for the whole suite, not for a selection of tests
+  for floor in cbm_core:90 sources:90 extractors:90 markers:90 cbm_plugins:85; do
+    package=${floor%%:*}
+    echo "coverage of $package: $(python -m coverage report --include="$package/*" --format=total)% (floor ${floor##*:}%)"
+    python -m coverage report --include="$package/*" --fail-under="${floor##*:}" >/dev/null
+  done
+fi
