@@ -54,12 +54,15 @@ S2_SCENES = 12  # Sentinel-2 scenes in the demo catalogue
 
 @impl
 def cbm_extractor_extract(scene, parcels, bands, read_window, config):
-    """The zonal extractor, slowed down, failing on one scene, and logging attempts as asked."""
+    """The zonal extractor, slowed down, failing on one scene or killing its worker on one, and
+    logging attempts as asked."""
     if config.get("trace"):
         Path(config.get("trace"), f"{scene.obsid}.{uuid.uuid4().hex}").touch()
     time.sleep(float(config.get("sleep", 0)))
     if scene.obsid == config.get("fail"):
         raise InputError(f"{scene.obsid}: band file is corrupt")
+    if scene.obsid == config.get("die"):
+        os._exit(1)  # the worker process dies (out of memory, a crash in a C library...)
     return zonal.cbm_extractor_extract(
         scene=scene, parcels=parcels, bands=bands, read_window=read_window, config=config
     )
@@ -262,6 +265,30 @@ def test_scene_failing_every_retry_is_recorded(client, tmp_path) -> None:
     ]
     assert len(list(trace.glob(f"{bad}.*"))) == 2  # tried, then retried once
     assert (config.out_dir / "verdicts.csv").is_file()  # the run finished
+
+
+def test_scene_whose_worker_dies_on_every_attempt_is_recorded(client, tmp_path) -> None:
+    """A scene that kills its worker process every time is failed with that reason ("died on
+    every attempt"), the other scenes are extracted, and the nanny brings the worker back. The
+    scheduler gives up after its first lost worker (allowed-failures 0) to keep the test short.
+    Planted bug: the KilledWorker branch of the failure reason removed (the reason became the
+    bare exception text)."""
+    bad = "S2A_MSIL2A_20230405_T31UFS"
+    allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
+    client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
+    try:
+        options = f'die = "{bad}"\n[cluster]\nretries = 0'
+        config = load_run_config(write_config(tmp_path, SLOW.format(options=options)))
+        result = test_engine().run(config, cluster=client)
+    finally:
+        client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", allowed))
+    scenes = result.summary["scenes"]
+    assert scenes["failed"][bad].startswith("the worker running it died on every attempt")
+    # A scene waiting on the same worker when it died may fail with it (dask counts it as suspect)
+    assert all(why.startswith("the worker running it died") for why in scenes["failed"].values())
+    assert scenes["extracted"] + len(scenes["failed"]) == S2_SCENES and bad not in stored_obsids(config)
+    assert (config.out_dir / "verdicts.csv").is_file()  # the run finished
+    wait_until(lambda: len(client.scheduler_info()["workers"]) == 2)
 
 
 def test_marker_partition_failure_is_recorded(client, tmp_path) -> None:

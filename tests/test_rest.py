@@ -79,3 +79,14 @@ def test_reference_servers_without_scene_ids(monkeypatch):
     assert series.stats["obsid"].tolist() == ["s2_20230405T000000"]
     assert series.stats["obstime"].iloc[0] == pd.Timestamp("2023-04-05", tz="UTC")
     assert series.scl["hist_4"].tolist() == [10] and series.scl["obsid"].tolist() == ["s2_20230405T000000"]
+
+
+def test_values_are_sent_as_encoded_parameters_never_pasted(api):
+    """docs/rest-api.md: values travel as parameters. An aoi of `nl&aoi=fl` is one value, refused
+    by the server's aoi pattern (422), not a second aoi. Planted bug: the query string pasted
+    together with an f-string (the server read aoi=fl and answered 200)."""
+    proxy, _ = api
+    with pytest.raises(InputError, match="422"):
+        rest.cbm_source_parcels(config(proxy, pids=[7], aoi="nl&aoi=fl"))
+    with pytest.raises(InputError, match="422"):
+        rest.cbm_source_parcels(config(proxy, pids=[7], aoi="fl' OR '1'='1"))
