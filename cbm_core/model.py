@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from datetime import date
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import geopandas as gpd
 import numpy as np
@@ -111,6 +112,30 @@ class RasterWindow:
     nodata: float | None
     scale: float = 1.0
     offset: float = 0.0
+
+
+class ReadPlan(Protocol):
+    """What an extractor will use of a window, so a source can decode less (optional to honour).
+
+    An extractor sets READ_PLAN around its read_window call. A source that honours it allocates the
+    window's array, asks ``covered`` which of the file's internal blocks (tiles) inside the window
+    hold pixels the extractor will read, decodes only those, row of blocks by row of blocks, and
+    calls ``rows_ready`` after each row so the extractor can reduce finished rows while the next one
+    decodes. Pixels of skipped blocks are left 0 and never read. A source that ignores the plan
+    returns the whole window as before: the statistics are the same either way.
+    """
+
+    def covered(self, frame: RasterWindow, row_edges: np.ndarray, col_edges: np.ndarray) -> np.ndarray:
+        """frame: the window being filled; edges: block boundaries in window pixels (0 ... height
+        or width). Returns a bool array (len(row_edges) - 1, len(col_edges) - 1)."""
+        ...
+
+    def rows_ready(self, rows: int) -> None:
+        """Rows [0, rows) of frame.array hold their final pixels."""
+        ...
+
+
+READ_PLAN: ContextVar[ReadPlan | None] = ContextVar("cbm_read_plan", default=None)
 
 
 @dataclass

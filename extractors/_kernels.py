@@ -30,6 +30,7 @@ which keeps the cache small and lets the kernels stream contiguous memory.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import math
@@ -54,7 +55,7 @@ from pyproj import CRS, Transformer
 
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
-from cbm_core.model import HIST_COLUMNS, SCL_CLASSES, STATS, BandRef, RasterWindow
+from cbm_core.model import HIST_COLUMNS, READ_PLAN, SCL_CLASSES, STATS, BandRef, RasterWindow
 
 log = logging.getLogger("cbm.extract")
 
@@ -64,7 +65,10 @@ CACHE_MAX_MB_ENV = "CBM_CACHE_MAX_MB"
 # of 500 000 parcels takes ~220 MB at 10 m (bench/extract-tile.json), so ~20 tiles' worth.
 DEFAULT_CACHE_MAX_MB = 5120.0
 INDEX_FORMAT = 2  # bump when the PixelIndex layout or the rasterization rule changes
-DEFAULT_BLOCK_PARCELS = 100_000
+# Parcels per block. A Sentinel-2 tile holds at most ~1M parcels, so a tile is one block: each file
+# block is decoded once (blocks of parcels overlap in rows, and a shared row was decoded twice).
+# Memory stays bounded because only the file blocks under parcels are decoded (see Block.read).
+DEFAULT_BLOCK_PARCELS = 1_000_000
 
 # The options every fast extractor reads through extract_options (its CBM_OPTIONS include them).
 EXTRACT_OPTIONS = frozenset({"all_touched", "buffer", "block_parcels", "cache_dir", "cache_max_mb"})
@@ -124,6 +128,8 @@ class PixelIndex:
     run_start: np.ndarray  # int64: flat pixel index (row * width + col) of each run's first pixel
     run_length: np.ndarray  # int32
     key: str
+    # Per-index helpers computed on first use (block coverage, row-ordered stripes); not data.
+    derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.pids)
@@ -1115,19 +1121,172 @@ class Block:
     cache: IndexCache
     options: RasterizeOptions
     _windows: dict[str, RasterWindow] = field(default_factory=dict)
+    _planned: dict[int, tuple[np.ndarray, PixelIndex]] = field(default_factory=dict)  # by id(array)
 
     def read(self, band: str, ref: BandRef) -> RasterWindow:
-        """The pixels of one band over this block (read once per block, however often used)."""
+        """The pixels of one band over this block (read once per block, however often used).
+
+        Only the file blocks holding parcel pixels are decoded when the source honours the read
+        plan; the other pixels are 0 and no index of this block ever points at them.
+        """
         if band not in self._windows:
-            self._windows[band] = read_band(self.read_window, ref, self.bounds, self.crs)
+            token = READ_PLAN.set(_CoveragePlan(self))
+            try:
+                self._windows[band] = read_band(self.read_window, ref, self.bounds, self.crs)
+            finally:
+                READ_PLAN.reset(token)
         return self._windows[band]
+
+    def zonal(
+        self, band: str, ref: BandRef, nodata_of: Callable[[RasterWindow], float | None]
+    ) -> tuple[RasterWindow, PixelIndex, np.ndarray]:
+        """Read and reduce one band, pipelined: the source decodes the next row of file blocks in a
+        thread while the parcels whose pixels all lie in decoded rows are reduced here.
+
+        Returns the window (kept for later use in this block, like read), its index and the raw
+        statistics (zonal_stats of the whole window, bit for bit: each parcel is reduced once,
+        by the same kernel, over the same pixels). nodata_of picks the nodata from the window.
+        """
+        if band in self._windows:
+            window = self._windows[band]
+            index = self.index(window)
+            return window, index, zonal_stats(window.array, index, nodata_of(window))
+        plan = _CoveragePlan(self)
+        outcome: dict[str, Any] = {}
+
+        def decode() -> None:
+            try:
+                outcome["window"] = read_band(self.read_window, ref, self.bounds, self.crs)
+            except BaseException as exc:  # handed to the reducing thread, which raises it
+                outcome["error"] = exc
+            finally:
+                plan.finish()
+
+        context = contextvars.copy_context()
+        context.run(READ_PLAN.set, plan)
+        reader = threading.Thread(target=context.run, args=(decode,), name="cbm-decode", daemon=True)
+        reader.start()
+        try:
+            out = plan.reduce_as_decoded(nodata_of)
+        finally:
+            reader.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        window = outcome["window"]
+        self._windows[band] = window
+        if out is None:  # the source ignored the plan: one reduction of the whole window
+            index = self.index(window)
+            return window, index, zonal_stats(window.array, index, nodata_of(window))
+        return window, plan.index, out
 
     def drop(self, band: str) -> None:
         """Free a band's pixels once nothing else in this block needs them."""
-        self._windows.pop(band, None)
+        window = self._windows.pop(band, None)
+        if window is not None:
+            self._planned.pop(id(window.array), None)
 
     def index(self, window: RasterWindow) -> PixelIndex:
+        """The window's pixel index (the one its read plan already looked up, if any)."""
+        planned = self._planned.get(id(window.array))
+        if planned is not None and planned[0] is window.array:
+            return planned[1]
         return self.cache.get(self.parcels, self.number, Grid.of(window), self.options)
+
+
+class _CoveragePlan:
+    """The extractor's side of cbm_core.model.ReadPlan for one block and band: which file blocks
+    the block's pixel index touches, and a row-by-row hand-over from the decoding thread."""
+
+    def __init__(self, block: Block) -> None:
+        self.block = block
+        self.frame: RasterWindow | None = None
+        self.index: PixelIndex | None = None
+        self.ready = 0
+        self.done = False
+        self._changed = threading.Condition()
+
+    def covered(self, frame: RasterWindow, row_edges: np.ndarray, col_edges: np.ndarray) -> np.ndarray:
+        index = self.block.index(frame)
+        self.block._planned[id(frame.array)] = (frame.array, index)
+        mask = block_coverage(index, row_edges, col_edges)
+        with self._changed:
+            self.frame, self.index = frame, index
+            self._changed.notify_all()
+        return mask
+
+    def rows_ready(self, rows: int) -> None:
+        with self._changed:
+            self.ready = rows
+            self._changed.notify_all()
+
+    def finish(self) -> None:
+        with self._changed:
+            self.done = True
+            self._changed.notify_all()
+
+    def reduce_as_decoded(self, nodata_of: Callable[[RasterWindow], float | None]) -> np.ndarray | None:
+        """Reduce stripes of parcels as their last row is decoded; None if no frame was announced."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.frame is not None or self.done)
+            if self.frame is None:
+                return None
+            frame, index = self.frame, self.index
+        order, last_rows, ordered = row_stripes(index)
+        nodata = nodata_of(frame)
+        out = np.empty((len(index), len(STATS)), np.float64)
+        reduced, seen = 0, -1
+        while reduced < len(index):
+            with self._changed:
+                self._changed.wait_for(lambda seen=seen: self.ready > seen or self.done)
+                seen, finished = self.ready, self.done
+            if finished and seen < frame.array.shape[0]:
+                return out  # the read failed part-way: the caller raises its error
+            upto = len(index) if finished else int(np.searchsorted(last_rows, seen, side="left"))
+            if upto > reduced:
+                part = PixelIndex(index.grid, ordered.pids[reduced:upto], ordered.offsets[reduced : upto + 1],
+                                  ordered.run_start, ordered.run_length, index.key)  # fmt: skip
+                out[order[reduced:upto]] = zonal_stats(frame.array, part, nodata)
+                reduced = upto
+        return out
+
+
+def block_coverage(index: PixelIndex, row_edges: np.ndarray, col_edges: np.ndarray) -> np.ndarray:
+    """Which file blocks (rows x columns between the edges, in window pixels) hold indexed pixels."""
+    key = ("coverage", row_edges.tobytes(), col_edges.tobytes())
+    if key not in index.derived:
+        width = index.grid.shape[1]
+        mask = np.zeros((len(row_edges) - 1, len(col_edges) - 1), dtype=bool)
+        if len(index.run_start):
+            rows = index.run_start // width
+            first = index.run_start - rows * width
+            last = first + index.run_length.astype(np.int64) - 1
+            block_row = np.searchsorted(row_edges, rows, side="right") - 1
+            col_a = np.searchsorted(col_edges, first, side="right") - 1
+            col_b = np.searchsorted(col_edges, last, side="right") - 1
+            for step in range(int((col_b - col_a).max()) + 1):  # runs rarely cross a block edge
+                spans = col_a + step <= col_b
+                mask[block_row[spans], col_a[spans] + step] = True
+        index.derived[key] = mask
+    return index.derived[key]
+
+
+def row_stripes(index: PixelIndex) -> tuple[np.ndarray, np.ndarray, PixelIndex]:
+    """The index reordered by each parcel's last pixel row: (order, sorted last rows, reordered
+    index), so the parcels complete once rows [0, r) are decoded are a prefix."""
+    if "stripes" not in index.derived:
+        width = max(1, index.grid.shape[1])
+        counts = np.diff(index.offsets)
+        last = np.full(len(index), -1, np.int64)
+        has = counts > 0
+        last[has] = index.run_start[index.offsets[1:][has] - 1] // width  # runs go row by row
+        order = np.argsort(last, kind="stable")
+        new_counts = counts[order]
+        offsets = np.concatenate([[0], np.cumsum(new_counts)]).astype(np.int64)
+        gather = np.repeat(index.offsets[:-1][order] - offsets[:-1], new_counts) + np.arange(offsets[-1])
+        ordered = PixelIndex(index.grid, index.pids[order], offsets, index.run_start[gather],
+                             index.run_length[gather], index.key)  # fmt: skip
+        index.derived["stripes"] = (order, last[order], ordered)
+    return index.derived["stripes"]
 
 
 def read_band(

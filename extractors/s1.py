@@ -63,15 +63,14 @@ def cbm_extractor_extract(
     parts: list[pd.DataFrame] = []
     for block in scene_blocks(parcels, read_window, options.rasterize, options.cache, options.block_parcels):
         for band in bands:
-            window = block.read(band, scene.bands[band])
-            index = block.index(window)
+            if linearize:  # per-pixel conversion first: the whole window, then one reduction
+                window = block.read(band, scene.bands[band])
+                index = block.index(window)
+                stats = zonal_stats(db_to_linear(window), index, None) if len(index) else None
+            else:  # decoding the next rows of file blocks while the finished ones are reduced
+                window, index, raw = block.zonal(band, scene.bands[band], lambda w: w.nodata)
+                stats = to_physical(raw, window.scale, window.offset)
             if len(index):
-                if linearize:
-                    stats = zonal_stats(db_to_linear(window), index, None)
-                else:
-                    stats = to_physical(
-                        zonal_stats(window.array, index, window.nodata), window.scale, window.offset
-                    )
                 parts.append(stats_frame(index.pids, scene.obsid, band, stats))
             block.drop(band)
     stats = pd.concat(parts, ignore_index=True) if parts else empty_signatures()

@@ -105,14 +105,14 @@ def cbm_extractor_extract(
                 block.drop(band)
 
         for band in plain:
-            window = block.read(band, scene.bands[band])
-            index = block.index(window)
-            if len(index):
-                if band == CLASS_BAND:
+            if band == CLASS_BAND:
+                window = block.read(band, scene.bands[band])
+                index = block.index(window)
+                if len(index):
                     scl_parts.append(scl_frame(index.pids, scene.obsid, class_histogram(window.array, index)))
-                else:
-                    nodata = L2A_NODATA if window.nodata is None else window.nodata
-                    raw = zonal_stats(window.array, index, nodata)
+            else:  # decoding the next rows of file blocks while the finished ones are reduced
+                window, index, raw = block.zonal(band, scene.bands[band], _nodata)
+                if len(index):
                     scale, offset = _calibration(band, window, boa_offset)
                     stats_parts.append(
                         stats_frame(index.pids, scene.obsid, band, to_physical(raw, scale, offset))
@@ -140,6 +140,10 @@ def cbm_extractor_extract(
     stats = pd.concat(stats_parts, ignore_index=True) if stats_parts else empty_signatures()
     scl = pd.concat(scl_parts, ignore_index=True) if scl_parts else empty_scl()
     return Signatures(stats, scl)
+
+
+def _nodata(window: RasterWindow) -> float:
+    return L2A_NODATA if window.nodata is None else window.nodata
 
 
 def _calibration(band: str, window: RasterWindow, boa_offset: float | None) -> tuple[float, float]:

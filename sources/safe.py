@@ -59,11 +59,12 @@ from sources._archive import date_option, names_list, problem_band, raise_if_pro
 from sources._catalogue import catalogue_frame
 from sources._raster import read_window
 
-OPTIONS = {
-    "plugin", "root", "start", "end", "tiles", "max_cloud_cover", "parcels", "layer", "pid_column",
+# The [source] options it reads (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset({
+    "root", "start", "end", "tiles", "max_cloud_cover", "parcels", "layer", "pid_column",
     "crop_code_column", "crop_name_column", "endpoint_url", "region", "path_style", "access_key_id",
     "secret_access_key", "session_token", "anonymous", "retries", "timeout", "gdal",
-}  # fmt: skip
+})  # fmt: skip
 EODATA_L2A = "Sentinel-2/MSI/L2A"
 PRODUCT = re.compile(
     r"^S2(?P<unit>[A-D])_MSIL2A_(?P<date>\d{8})T(?P<time>\d{6})_N(?P<baseline>\d{4})_R(?P<orbit>\d{3})"
@@ -85,11 +86,11 @@ WORLD = shapely.box(-180.0, -90.0, 180.0, 90.0)
 
 
 def _check_options(config: PluginConfig) -> None:
-    unknown = sorted(set(config.options) - OPTIONS)
+    unknown = sorted(set(config.options) - CBM_OPTIONS - {"plugin", "name"})
     if unknown:
         raise ConfigError(
             f"{config.where}: unknown option(s) {', '.join(unknown)} for plugin 'safe'; "
-            f"expected {', '.join(sorted(OPTIONS - {'plugin'}))}"
+            f"expected {', '.join(sorted(CBM_OPTIONS))}"
         )
 
 

@@ -65,12 +65,13 @@ from sources._raster import read_window
 
 log = logging.getLogger("cbm.source.stac")
 
-OPTIONS = {
-    "plugin", "url", "collections", "profile", "assets", "card", "bbox", "start", "end",
+# The [source] options it reads (anything else is refused as a likely typo).
+CBM_OPTIONS = frozenset({
+    "url", "collections", "profile", "assets", "card", "bbox", "start", "end",
     "max_cloud_cover", "max_items", "page_size", "timeout", "retries", "headers", "token_env", "sign",
     "parcels", "layer", "pid_column", "crop_code_column", "crop_name_column", "endpoint_url", "region",
     "path_style", "access_key_id", "secret_access_key", "session_token", "anonymous", "gdal",
-}  # fmt: skip
+})  # fmt: skip
 DEFAULT_MAX_ITEMS = 100_000  # a season of one country's S2 tiles is ~50k items
 DEFAULT_PAGE_SIZE = 250
 DEFAULT_TIMEOUT = 60.0
@@ -117,11 +118,11 @@ def _where(config: PluginConfig) -> str:
 
 
 def _check_options(config: PluginConfig) -> None:
-    unknown = sorted(set(config.options) - OPTIONS)
+    unknown = sorted(set(config.options) - CBM_OPTIONS - {"plugin", "name"})
     if unknown:
         raise ConfigError(
             f"{_where(config)}: unknown option(s) {', '.join(unknown)}; "
-            f"expected {', '.join(sorted(OPTIONS - {'plugin'}))}"
+            f"expected {', '.join(sorted(CBM_OPTIONS))}"
         )
 
 
