@@ -24,7 +24,7 @@ RUN_KEYS: dict[str, frozenset[str]] = {  # top level of a run configuration -> k
     "cluster": frozenset(),  # filled below from CLUSTER_TYPES
     # plots, reports and the workbench: a folder of Jinja2 report templates first on the template
     # path, and an orthophoto (any raster GDAL opens) as map background
-    "analyst": frozenset({"templates", "orthophoto"}),
+    "analyst": frozenset({"templates", "orthophoto", "meteo"}),
 }
 SCHEME_KEYS: dict[str, frozenset[str]] = {  # a scheme: a recipe file, or inline in a run configuration
     "marker": frozenset({"plugin", "name"}),

@@ -389,3 +389,29 @@ def test_calendar_ranks_by_valid_share_keeps_used_and_marks_events(demo_run: Pat
     assert [c.date for c in shown] == sorted(c.date for c in shown)
     words = texts(analyst.calendar(done, 4, found=found, max_chips=4))
     assert "used" in words and "4 of 12 scenes" in words
+
+
+def test_parcel_plot_shows_weather_under_the_ndvi(demo_run: Path, tmp_path: Path) -> None:
+    """[analyst] meteo: a precipitation/temperature panel right under the NDVI. The demo season has
+    no AgERA5 extract, so the test places the real 2018 West-Flanders days (tests/data/flanders-meteo)
+    on the demo's April 2023 dates at the demo's cell."""
+    real = pd.read_csv(Path(__file__).parent / "data" / "flanders-meteo" / "agera5-2018.csv")
+    april = real[real["date"].str.startswith("2018-04")].assign(
+        lon=5.05, lat=51.2, date=lambda f: f["date"].str.replace("2018", "2023")
+    )
+    april.to_csv(tmp_path / "meteo.csv", index=False)
+    config = demo_run.with_name("run-meteo.toml")
+    config.write_text(
+        demo_run.read_text()
+        + f'\n[analyst]\nmeteo = {{ plugin = "meteo", path = "{tmp_path / "meteo.csv"}" }}\n'
+    )
+    fig = analyst.plot_parcel(config, 4)
+    _, rain_axis, _, heat_axis = fig.axes  # NDVI, rain, backscatter, then the temperature twin axis
+    assert rain_axis.get_title(loc="left").startswith("Daily precipitation")
+    first, last = open_run(config).period()  # the run's scenes: 2 to 30 April
+    shown = april[(april["date"] >= f"{first:%Y-%m-%d}") & (april["date"] <= f"{last:%Y-%m-%d}")]
+    bars = [patch.get_height() for patch in rain_axis.patches]
+    np.testing.assert_allclose(sorted(bars), sorted(shown["prec"]))
+    assert len(heat_axis.get_lines()[0].get_xdata()) == len(shown) < len(april)
+    far = texts(analyst.plot_parcel(config, OUTSIDE))
+    assert "Daily precipitation" not in far  # outside the meteo cell: no panel, never a neighbour's

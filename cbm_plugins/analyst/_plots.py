@@ -23,14 +23,16 @@ from matplotlib.axes import Axes
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 
-from cbm_core.config import RunConfig, load_run_config
+from cbm_core.config import RunConfig, load_run_config, plugin_config
 from cbm_core.errors import InputError
 from cbm_core.model import HIST_COLUMNS, TimeSeries, ValidityPolicy, time_series
 from cbm_core.outputs import RunResult
 from cbm_core.pipeline import Engine
 
 LIGHT_COLOURS = {"green": "#2e7d32", "yellow": "#f2a900", "red": "#c62828"}
-CARD_TITLES = {"s2": "Sentinel-2 NDVI", "bs": "Sentinel-1 backscatter (dB)", "c6": "Sentinel-1 coherence"}
+CARD_TITLES = {"s2": "Sentinel-2 NDVI", "bs": "Sentinel-1 backscatter (dB)", "c6": "Sentinel-1 coherence",
+               "weather": "Daily precipitation (mm) and temperature (°C)"}  # fmt: skip
+WEATHER_HEIGHT = 0.6  # the weather panel's height relative to a series panel
 EVENT_COLOURS = ("#6a1b9a", "#00838f", "#ef6c00", "#283593", "#ad1457")
 
 
@@ -108,6 +110,19 @@ class FinishedRun:
                     }
                 )
         return found
+
+    def weather(self, pid: int) -> pd.DataFrame:
+        """Daily weather at the parcel over the run's period from the [analyst] meteo source
+        (meteo_date, tmin, tmean, tmax, prec); empty without one or outside its cells."""
+        table = self.config.analyst.get("meteo")
+        if table is None:
+            return pd.DataFrame()
+        source = plugin_config(table, f"{self.config.analyst.where} meteo", self.config.base_dir)
+        centre = (
+            gpd.GeoSeries([self.parcel(pid).geometry], crs=self.parcels.crs).to_crs(4326).iloc[0].centroid
+        )
+        first, last = self.period()
+        return self.engine.weather(source, (centre.x, centre.y), (first.date(), last.date()))
 
     def period(self) -> tuple[pd.Timestamp, pd.Timestamp]:
         """First and last scene date of the catalogue (naive UTC), the x range of every plot."""
@@ -215,12 +230,19 @@ def plot_parcel(run: RunLike, pid: int) -> Figure:
     done = open_run(run)
     parcel = done.parcel(pid)
     obs = observations(done.series([pid]), pid, done.policy)
+    weather = done.weather(pid)
     cards = done.cards
-    fig = Figure(figsize=(10, 2.2 + 2.3 * len(cards)), layout="constrained")
-    axes = fig.subplots(len(cards), 1, sharex=True, squeeze=False)[:, 0]
+    if not weather.empty:  # rain and temperature right under the NDVI: a cut often follows a dry spell
+        below = cards.index("s2") + 1 if "s2" in cards else 0
+        cards = [*cards[:below], "weather", *cards[below:]]
+    ratios = [WEATHER_HEIGHT if c == "weather" else 1 for c in cards]
+    fig = Figure(figsize=(10, 2.2 + 2.3 * sum(ratios)), layout="constrained")
+    axes = fig.subplots(len(cards), 1, sharex=True, squeeze=False, height_ratios=ratios)[:, 0]
     for ax, card in zip(axes, cards, strict=True):
         ax.set_title(CARD_TITLES[card], loc="left", fontsize=10)
-        if obs[card].empty:
+        if card == "weather":
+            _draw_weather(ax, weather)
+        elif obs[card].empty:
             _say(ax, f"no {CARD_TITLES[card]} observations of this parcel")
         elif card == "s2":
             _draw_s2(ax, obs["s2"], done.used_by_marker(pid))
@@ -343,6 +365,17 @@ def _draw_lines(ax: Axes, frame: pd.DataFrame, columns: dict[str, str], unit: st
         return
     ax.set_ylabel(unit)
     ax.legend(loc="lower left", fontsize=8)
+
+
+def _draw_weather(ax: Axes, weather: pd.DataFrame) -> None:
+    """Precipitation as bars, the daily mean temperature as a line within its min-max band."""
+    days = pd.to_datetime(weather["meteo_date"])
+    ax.bar(days, weather["prec"], width=1.0, color="#1e88e5", label="precipitation")
+    ax.set_ylabel("mm")
+    hot = ax.twinx()
+    hot.fill_between(days, weather["tmin"], weather["tmax"], color="#e53935", alpha=0.15, lw=0)
+    hot.plot(days, weather["tmean"], color="#e53935", lw=1, label="mean temperature")
+    hot.set_ylabel("°C")
 
 
 def _draw_events(axes: Sequence[Axes], events: list[dict[str, Any]]) -> None:
