@@ -6,12 +6,18 @@ plugs in as it is. Writes go through binary COPY inside one transaction per batc
 a lost connection (database restart, failover) is retried from the start of that transaction, so
 rows are never lost or duplicated. Scenes are claimed with FOR UPDATE SKIP LOCKED so any number
 of workers can share one catalogue; a claim given back (the scene failed, the run stopped) leaves
-the job 'failed' with its reason, claimable again at once. Options (in [source] or [store]):
+the job 'failed' with its reason, claimable again at once. Two runs writing the same scene take
+turns (a per-scene transaction lock): the later one replaces the earlier one's rows whole.
+Options (in [source] or [store]):
 
 dsn (or the environment variable named by dsn_env, default CBM_PG_DSN), schema, catalogue_table,
 parcels_table, id_column, crop_code_column, crop_name_column, geometry_column, signatures_table,
 hists_table, cards (catalogue filter), gdal (GDAL config options for reading band files),
-pool_size, lease_seconds (after which an unfinished claim may be taken over).
+pool_size, pool_min_size, pool_max_lifetime, pool_max_idle, pool_check_idle, prepare_threshold,
+lease_seconds (after which an unfinished claim may be taken over), reconnect_seconds (how long a
+transaction that lost its connection is retried, default 60) and connect_timeout (how long a caller
+waits for a database that is down before the error, default reconnect_seconds; `cbm serve` uses
+its [server] store_timeout so that a request gets its 503 in seconds).
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ from sources._raster import read_window
 CBM_OPTIONS = frozenset(
     {"dsn", "dsn_env", "schema", "catalogue_table", "parcels_table", "signatures_table", "hists_table",
      "id_column", "crop_code_column", "crop_name_column", "geometry_column", "pool_size",
-     "reconnect_seconds", "cards", "gdal", "bulk_memory", "lease_seconds"}
+     "reconnect_seconds", "connect_timeout", "cards", "gdal", "bulk_memory", "lease_seconds",
+     "pool_min_size", "pool_max_lifetime", "pool_max_idle", "pool_check_idle", "prepare_threshold"}
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -169,6 +176,7 @@ RECONNECT_SECONDS = 60.0  # how long a transaction is retried across a restart o
 FIRST_RETRY_S = 0.1
 LONGEST_RETRY_S = 2.0
 PROBE_TIMEOUT_S = 5  # connect_timeout of the one direct attempt that explains a pool timeout
+LIBPQ_MIN_CONNECT_TIMEOUT_S = 2  # libpq treats a connect_timeout below 2 s as 2 s
 # A connection idle longer than this is checked (one empty round trip) before it is handed out:
 # what idle connections die of (restarts, firewall and pgbouncer idle timeouts) takes longer, and
 # checking busy ones too would cost a time-series request 20 % more CPU. A connection that dies
@@ -207,6 +215,8 @@ def _pool(config: PluginConfig) -> ConnectionPool:
                 dsn,
                 kwargs={
                     "application_name": "cbm",
+                    # one connection attempt to an unreachable host gives up in time (libpq: >= 2 s)
+                    "connect_timeout": max(LIBPQ_MIN_CONNECT_TIMEOUT_S, math.ceil(_connect_timeout(config))),
                     "prepare_threshold": None if prepare in (None, "none") else int(prepare),
                 },
                 min_size=min(int(config.get("pool_min_size", POOL_MIN_SIZE)), size),
@@ -225,6 +235,12 @@ def _pool(config: PluginConfig) -> ConnectionPool:
                 pool.name, psycopg.__version__, psycopg.pq.__impl__, psycopg.pq.version(), size,
             )  # fmt: skip
         return pool
+
+
+def _connect_timeout(config: PluginConfig) -> float:
+    """Seconds a caller waits for a connection to a database that is down (option connect_timeout;
+    default reconnect_seconds, so a run waits out a restart; `cbm serve` sets it short)."""
+    return float(config.get("connect_timeout", config.get("reconnect_seconds", RECONNECT_SECONDS)))
 
 
 def pool_stats(config: PluginConfig) -> dict[str, int]:
@@ -263,11 +279,15 @@ def transaction(
     to the server instead of three (BEGIN, the statement, COMMIT), with the same atomicity.
     """
     deadline = time.monotonic() + float(config.get("reconnect_seconds", RECONNECT_SECONDS))
+    connect = _connect_timeout(config)
     attempt = 0
     while True:
         try:
             pool = _pool(config)
-            with pool.connection(timeout=max(deadline - time.monotonic(), 0.1)) as conn:
+            # A database that is down from the start is reported after connect_timeout; a transaction
+            # that lost its connection keeps trying for reconnect_seconds (a restart, a failover).
+            wait = deadline - time.monotonic() if attempt else min(connect, deadline - time.monotonic())
+            with pool.connection(timeout=max(wait, 0.1)) as conn:
                 if conn.autocommit != single_statement:
                     conn.autocommit = single_statement
                 with conn.cursor() as cur:
@@ -276,6 +296,8 @@ def transaction(
                 return result
         except PoolTimeout:
             raise CbmError(f"PostGIS at {_safe_dsn(dsn_of(config))}: {_why_no_connection(config)}") from None
+        except SCHEMA_ERRORS as exc:
+            raise InputError(_schema_error(config, exc)) from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             delay = retry_delay(attempt)
             if time.monotonic() + delay > deadline:
@@ -285,12 +307,41 @@ def transaction(
             attempt += 1
 
 
+# The database answers, but not with the tables or columns the configuration names.
+SCHEMA_ERRORS = (
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.InvalidSchemaName,
+    psycopg.errors.UndefinedFunction,
+)
+
+
+def _schema_error(config: PluginConfig, exc: psycopg.Error) -> str:
+    """One line naming the missing table or column and the options that name it."""
+    what = (exc.diag.message_primary or str(exc).splitlines()[0]).strip()
+    names = tables(config)
+    if isinstance(exc, psycopg.errors.UndefinedColumn):
+        hint = (
+            f"check the column options of {names.schema}.{names.parcels} (id_column, crop_code_column,"
+            " crop_name_column, geometry_column)"
+        )
+    elif isinstance(exc, psycopg.errors.UndefinedFunction):
+        hint = "is the PostGIS extension installed in this database (CREATE EXTENSION postgis)?"
+    else:
+        hint = (
+            "a store never initialised? run `cbm db init` on this configuration; otherwise check schema,"
+            " parcels_table, catalogue_table, signatures_table and hists_table"
+        )
+    return f"{config.where}: PostGIS at {_safe_dsn(dsn_of(config))}: {what}; {hint}"
+
+
 def _why_no_connection(config: PluginConfig) -> str:
     """Why the pool gave no connection in time: the server's own answer to one direct attempt
     (the pool only knows that it timed out), or a pool whose every connection stayed busy."""
     dsn = dsn_of(config)
+    probe = max(LIBPQ_MIN_CONNECT_TIMEOUT_S, min(PROBE_TIMEOUT_S, math.ceil(_connect_timeout(config))))
     try:
-        with psycopg.connect(dsn, connect_timeout=PROBE_TIMEOUT_S, application_name="cbm"):
+        with psycopg.connect(dsn, connect_timeout=probe, application_name="cbm"):
             pass
     except psycopg.Error as exc:
         return str(exc).strip()
@@ -564,6 +615,7 @@ def cbm_store_write(config: PluginConfig, signatures: Signatures, obsids: Sequen
 
     def work(cur: psycopg.Cursor) -> int:
         ids = _catalogue_ids(cur, names, scenes)
+        _lock_scenes(cur, names, [ids[o] for o in scenes])
         _delete_scenes(cur, names, [ids[o] for o in scenes])
         return _copy_scenes(cur, names, _payload(signatures, ids, scenes), ids)
 
@@ -673,6 +725,21 @@ def cluster_signatures(config: PluginConfig) -> list[str]:
 def _scenes_of(signatures: Signatures, obsids: Sequence[str]) -> list[str]:
     stats, scl = signatures.stats, signatures.scl
     return sorted({str(o) for o in obsids} | set(stats["obsid"].astype(str)) | set(scl["obsid"].astype(str)))
+
+
+def _lock_scenes(cur: psycopg.Cursor, names: Tables, scene_ids: list[int]) -> None:
+    """Take this dataset's write lock of each scene until the transaction ends, in id order.
+
+    Two runs writing the same scene at once (two `cbm run` on one store) would otherwise both
+    delete nothing and both COPY, and the second commit would die on the primary key. Locked, the
+    second writer waits for the first to commit, then replaces its rows: one complete copy of the
+    scene either way. The sorted order keeps two writers of overlapping batches from deadlocking.
+    """
+    for scene_id in sorted(set(scene_ids)):
+        cur.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"cbm-scene:{names.dataset}:{scene_id}",),
+        )
 
 
 def _delete_scenes(cur: psycopg.Cursor, names: Tables, scene_ids: list[int]) -> None:
