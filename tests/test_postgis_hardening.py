@@ -39,6 +39,8 @@ def test_two_writers_of_the_same_scenes_take_turns_and_keep_one_copy(postgres):
     )
     pg.init_database(first)
     obsids = [f"S2A_MSIL2A_202306{d:02d}_T31UFS" for d in range(1, 9)]
+    for obsid in obsids:  # the scenes are known (as after `cbm db import-catalogue`) and stored once
+        pg.cbm_store_write(first, fake_signatures([obsid], range(1, 301), seed=0), [obsid])
     errors: list[BaseException] = []
     for obsid in obsids:
         together = threading.Barrier(2)
@@ -104,8 +106,11 @@ def test_a_database_that_is_down_answers_within_connect_timeout():
 
 def test_two_cbm_runs_on_one_postgis_store_both_finish(postgres, tmp_path):
     """The probe of the issue: two `cbm run` at once on one PostGIS store (different output folders)."""
+    from sources.local import read_catalogue_csv
+
     cfg = config(postgres)
     pg.init_database(cfg)
+    pg.import_catalogue(cfg, read_catalogue_csv(DEMO / "scenes.csv"))  # scenes known: writers race
     store = "".join(
         f"{k} = {v!r}\n".replace("'", '"') for k, v in {**cfg.options, "plugin": "postgis"}.items()
     )
