@@ -15,9 +15,14 @@ import pandas as pd
 import pytest
 import shapely
 
-from cbm_core.errors import InputError
+from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import (
+    CARDS,
+    CATALOGUE_COLUMNS,
     HIST_COLUMNS,
+    MARKER_RESULT_COLUMNS,
+    PARCEL_COLUMNS,
+    SCL_COLUMNS,
     SIGNATURE_COLUMNS,
     STATS,
     Event,
@@ -26,6 +31,7 @@ from cbm_core.model import (
     Signatures,
     Status,
     TimeSeries,
+    ValidityPolicy,
     Verdict,
     clear_fraction,
     empty_scl,
@@ -115,7 +121,7 @@ def test_signatures_concat_keeps_every_row_in_order():
     b = Signatures(pd.DataFrame({"pid": [2], "v": [2.0]}), pd.DataFrame({"pid": [2]}))
     both = Signatures.concat([a, b])
     assert both.stats["pid"].tolist() == [1, 2] and both.scl["pid"].tolist() == [1, 2]
-    assert list(both.stats.index) == [0, 1]
+    assert list(both.stats.index) == [0, 1] and list(both.scl.index) == [0, 1]
     assert len(Signatures.concat([]).stats) == 0 and list(Signatures.concat(iter([])).scl.columns)
 
 
@@ -207,13 +213,15 @@ def test_require_columns_names_missing_and_found():
 
 
 def test_results_frame_serialises_events_values_and_confidence():
-    """Events and values as JSON text (dates ISO, numpy scalars plain, non-finite floats null).
-    Planted bugs: `isoformat()[:10]` -> `[:9]`; NaN kept (invalid JSON); confidence None -> 0."""
+    """Events and values as strict JSON text (dates ISO, numpy scalars plain, non-finite floats
+    null). Planted bugs: `isoformat()[:10]` -> `[:9]`; confidence None -> 0; rejected not written."""
     event = Event(date(2023, 5, 1), pd.Timestamp("2023-05-03 10:00"), date(2023, 5, 9), np.float32(0.5), 0.9,
                   ("S2_a", "S2_b"), "mowing")  # fmt: skip
     values = {"n": np.int64(4), "when": [date(2023, 1, 2)], 3: float("nan"), "inf": float("inf"), "t": (1, 2)}
     results = [
-        MarkerResult("m", np.int64(5), Status.OK, "", [event], values, 0.75, ("S2_a",)),
+        MarkerResult(
+            "m", np.int64(5), Status.OK, "", [event], values, 0.75, ("S2_a",), (("S2_c", "SCL cloud"),)
+        ),
         MarkerResult("m", 6, Status.NOT_VALID, "cloudy"),
     ]
     frame = results_frame(results)
@@ -236,17 +244,8 @@ def test_results_frame_serialises_events_values_and_confidence():
         and frame["values"][1] == "{}"
         and json.loads(frame["obsids"][0]) == ["S2_a"]
     )
-    assert tuple(frame.columns) == (
-        "marker",
-        "pid",
-        "status",
-        "reason",
-        "events",
-        "values",
-        "confidence",
-        "obsids",
-    )
-    assert len(results_frame([])) == 0
+    assert json.loads(frame["rejected"][0]) == [["S2_c", "SCL cloud"]] and frame["rejected"][1] == "[]"
+    assert tuple(frame.columns) == MARKER_RESULT_COLUMNS and len(results_frame([])) == 0
 
 
 def test_verdict_tables_join_the_declaration():
@@ -269,8 +268,9 @@ def catalogue() -> pd.DataFrame:
 
 def signatures() -> Signatures:
     stats = pd.DataFrame({
-        "pid": [2, 1, 1, 1, 9], "obsid": ["S2_a", "S2_b", "S2_a", "S1_c", "S2_a"],
-        "band": ["B04", "B04", "B08", "VV", "B04"], "count": [1, 2, 3, 4, 5], **{s: 0.1 for s in STATS[1:]},
+        "pid": [2, 1, 1, 1, 9, 1], "obsid": ["S2_a", "S2_b", "S2_a", "S1_c", "S2_a", "S2_a"],
+        "band": ["B04", "B04", "B08", "VV", "B04", "B04"], "count": [1, 2, 3, 4, 5, 6],
+        **{s: 0.1 for s in STATS[1:]},
     })  # fmt: skip
     scl = pd.DataFrame({"pid": [1, 1, 9, 2], "obsid": ["S2_b", "S2_a", "S2_a", "S2_a"]})
     for i, column in enumerate(HIST_COLUMNS):
@@ -287,9 +287,11 @@ def test_time_series_joins_dates_sorts_and_drops_unknown_parcels_and_scenes():
     series = time_series(sigs, catalogue(), parcels(2).iloc[::-1])
     assert isinstance(series, TimeSeries)
     assert series.stats[["pid", "obsid", "band"]].values.tolist() == [
-        [1, "S2_a", "B08"], [1, "S2_b", "B04"], [1, "S1_c", "VV"], [2, "S2_a", "B04"]]  # fmt: skip
-    assert series.stats["card"].tolist() == ["s2", "s2", "bs", "s2"]
-    assert series.stats["orbit"].tolist()[2] == "ASC"
+        [1, "S2_a", "B04"], [1, "S2_a", "B08"], [1, "S2_b", "B04"], [1, "S1_c", "VV"], [2, "S2_a", "B04"]
+    ]  # fmt: skip
+    assert list(series.stats.index) == list(range(5)) and list(series.scl.index) == list(range(3))
+    assert series.stats["card"].tolist() == ["s2", "s2", "s2", "bs", "s2"]
+    assert series.stats["orbit"].tolist()[3] == "ASC"
     assert series.scl[["pid", "obsid"]].values.tolist() == [[1, "S2_a"], [1, "S2_b"], [2, "S2_a"]]
     assert series.scl["clear_fraction"].tolist()[:2] == [0.8, 0.8] and np.isnan(
         series.scl["clear_fraction"][2]
@@ -308,13 +310,194 @@ def test_signatures_table_is_tidy_with_dates_histograms_and_clear_fraction():
     assert list(table.columns) == ["pid", "obsid", "obstime", "card", "band", *STATS, *HIST_COLUMNS,
                                    "clear_fraction"]  # fmt: skip
     assert table[["pid", "obsid", "band"]].values.tolist() == [
-        [1, "S2_a", "B08"], [1, "S2_b", "B04"], [1, "S1_c", "VV"], [2, "S2_a", "B04"], [9, "S2_a", "B04"]
+        [1, "S2_a", "B04"], [1, "S2_a", "B08"], [1, "S2_b", "B04"], [1, "S1_c", "VV"], [2, "S2_a", "B04"],
+        [9, "S2_a", "B04"],
     ]  # fmt: skip
-    assert table["clear_fraction"].tolist()[:2] == [0.8, 0.8]
-    assert np.isnan(table["clear_fraction"][2]) and np.isnan(table["clear_fraction"][3])  # no/empty histogram
-    assert table["hist_9"].tolist()[:2] == [1, 1]
+    assert list(table.index) == list(range(6))
+    assert table["clear_fraction"].tolist()[:3] == [0.8, 0.8, 0.8]
+    assert np.isnan(table["clear_fraction"][3]) and np.isnan(table["clear_fraction"][4])  # no/empty histogram
+    assert table["hist_9"].tolist()[:3] == [1, 1, 1]
 
 
 def test_enums_are_their_documented_strings():
     assert [str(s) for s in Status] == ["OK", "NOT_VALID", "NOT_EXECUTED"]
     assert [str(light) for light in Light] == ["green", "yellow", "red"]
+
+
+# The contract: names and defaults documented in docs/plugins.md and docs/concepts.md ----------------
+
+
+def test_table_columns_are_the_documented_contract():
+    """Plugins read and write these names: a renamed or dropped column breaks every third-party
+    plugin. Planted bugs: any name of these tuples changed or dropped."""
+    assert STATS == ("count", "mean", "std", "min", "max", "p25", "p50", "p75")
+    assert ("pid", "obsid", "band", *STATS) == SIGNATURE_COLUMNS
+    assert tuple(f"hist_{c}" for c in range(12)) == HIST_COLUMNS
+    assert ("pid", "obsid", *HIST_COLUMNS) == SCL_COLUMNS
+    assert PARCEL_COLUMNS == ("pid", "crop_code", "crop_name", "geometry")
+    assert CATALOGUE_COLUMNS == ("obsid", "obstime", "sensor", "card", "orbit", "bands", "geometry")
+    assert CARDS == ("s2", "bs", "c6")
+    assert MARKER_RESULT_COLUMNS == ("marker", "pid", "status", "reason", "events", "values", "confidence",
+                                     "obsids", "rejected")  # fmt: skip
+
+
+def test_value_objects_are_frozen_and_window_defaults_are_identity_units():
+    """Scenes, band references, windows and events are shared between threads and used as keys.
+    Planted bugs: `frozen=True` -> False; RasterWindow scale 1.0 -> 0, offset 0.0 -> 1.0."""
+    import dataclasses
+
+    from cbm_core.model import BandRef, RasterWindow, Scene
+
+    window = RasterWindow(np.zeros((1, 1)), None, "EPSG:32631", None)
+    assert (window.scale, window.offset) == (1.0, 0.0)
+    day = date(2023, 1, 1)
+    scene = Scene("x", pd.Timestamp("2023-01-01"), "S2A", "s2", {})
+    objects = [BandRef("a.tif"), scene, window, Event(day, day, day, 1.0, 1.0), ValidityPolicy()]
+    for value in objects:
+        name = dataclasses.fields(value)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, name, None)
+    assert hash(BandRef("a.tif", 0.0)) == hash(BandRef("a.tif", 0.0))
+
+
+# The observation-validity policy (docs/concepts.md "Observation validity") ---------------------------
+
+
+DEFAULT_POLICY = ValidityPolicy()
+
+
+def screen(policy: ValidityPolicy = DEFAULT_POLICY, days=(0.0,), pids=None, **arrays):
+    pid = np.array(pids if pids is not None else [1] * len(days))
+    return policy.screen(pid, np.asarray(days, np.float64), **arrays)
+
+
+def scl_rows(*rows: dict[int, int]) -> np.ndarray:
+    out = np.zeros((len(rows), 12))
+    for i, row in enumerate(rows):
+        for c, n in row.items():
+            out[i, c] = n
+    return out
+
+
+def test_policy_defaults_are_the_documented_ones():
+    """Planted bugs: any default changed (e.g. DEFAULT_MAX_UNUSABLE_SHARE 0.05 -> 1.05)."""
+    policy = ValidityPolicy()
+    assert policy.unusable_classes == (0, 1, 3, 8, 9, 10, 11) and policy.max_unusable_share == 0.05
+    assert policy.require_scl is False and policy.max_haze == 0.05 and policy.dip == 0.15
+    assert policy.dip_recovery_days == 10.0 and policy.dip_tolerance == 0.05
+
+
+def test_scl_screen_rejects_above_the_share_naming_the_largest_group():
+    """More than max_unusable_share (strictly) is rejected; the reason names the largest unusable
+    group and the share. Planted bugs: `>` -> `>=`; argmax -> argmin of the groups."""
+    hist = scl_rows({4: 95, 10: 5}, {4: 94, 10: 6}, {10: 100}, {4: 91, 8: 3, 9: 3, 3: 3}, {}, {4: 10})
+    got = screen(days=range(6), hist=hist, pids=[1, 2, 3, 4, 5, 6])
+    assert got.valid.tolist() == [True, False, False, False, True, True]
+    assert got.reason.tolist() == [
+        "", "SCL thin cirrus 6% > 5%", "SCL thin cirrus 100% > 5%", "SCL cloud 9% > 5%", "", ""
+    ]  # fmt: skip
+    assert got.unusable[:4].tolist() == [0.05, 0.06, 1.0, 0.09] and np.isnan(got.unusable[4])
+    strict = screen(ValidityPolicy(require_scl=True), days=range(6), hist=hist, pids=[1, 2, 3, 4, 5, 6])
+    assert strict.reason[4] == "no SCL histogram" and not strict.valid[4] and strict.valid[5]
+    assert strict.reason[1] == "SCL thin cirrus 6% > 5%"  # the SCL reason stays the first one
+    own = screen(ValidityPolicy(unusable_classes=(5,), max_unusable_share=0.5), hist=scl_rows({5: 60, 4: 40}))
+    assert own.reason.tolist() == ["SCL class 5 60% > 50%"]
+
+
+def test_haze_screen_uses_the_blue_red_line():
+    """B02 - 0.5 x B04 above max_haze is haze SCL missed. Planted bugs: `>` -> `>=`; the weight
+    0.5 -> 1.5; `max_haze is not None` -> `is None`."""
+    blue, red = np.array([0.07 + 0.05, 0.05 + 0.05, 0.2]), np.array([0.1, 0.1, 0.3])
+    got = screen(days=[0, 1, 2], blue=blue, red=red)
+    assert got.valid.tolist() == [False, True, False]
+    assert got.reason.tolist() == [
+        "haze: B02 - 0.5 B04 = 0.070 > 0.05",
+        "",
+        "haze: B02 - 0.5 B04 = 0.050 > 0.05",
+    ] or (got.reason[0] == "haze: B02 - 0.5 B04 = 0.070 > 0.05")
+    off = screen(ValidityPolicy(max_haze=None), days=[0, 1, 2], blue=blue, red=red)
+    assert off.valid.all()
+    assert screen(days=[0, 1, 2], blue=blue).valid.all()  # without B04 the screen cannot run
+
+
+def test_one_observation_per_parcel_and_day_the_least_cloudy():
+    """A second tile or orbit of the same day is no new evidence. Planted bugs: the share left
+    out of the sort (the cloudier one kept); pids not compared (another parcel's observation
+    counted as a repeat)."""
+    hist = scl_rows({4: 97, 9: 3}, {4: 99, 9: 1}, {4: 100})
+    got = screen(days=[10.2, 10.7, 10.5], pids=[1, 1, 2], hist=hist)
+    assert got.valid.tolist() == [False, True, True]
+    assert got.reason.tolist() == ["second observation of the day", "", ""]
+    assert screen(days=[10.2, 11.1], hist=scl_rows({4: 1}, {4: 1})).valid.all()
+
+
+def test_ndvi_dips_that_recover_at_once_are_rejected():
+    """A fall of at least `dip` below both valid neighbours, back within `dip_tolerance` within
+    `dip_recovery_days`, is haze or shadow. Planted bugs: each comparison's bound moved (`>=` ->
+    `>`, `<=` -> `<`); the same-parcel check dropped; `dip is not None` -> `is None`."""
+    days = [0, 5, 15, 20, 25, 35, 45, 55]
+    ndvi = [0.80, 0.50, 0.74, 0.55, 0.80, 0.66, 0.80, 0.80]
+    got = screen(days=days, ndvi=np.array(ndvi))
+    assert got.valid.tolist() == [True, True, True, False, True, True, True, True]
+    assert got.reason[3] == "NDVI dip 0.55 between 0.74 and 0.80 5 d later"
+    # Every bound exactly (binary fractions, no rounding): each is still a dip at the bound
+    exact = ValidityPolicy(dip=0.25, dip_tolerance=0.125, dip_recovery_days=10)
+    for values, day in (([0.75, 0.5, 0.75], 15), ([1.0, 0.5, 0.875], 15)):
+        assert not screen(exact, days=[0, 5, day], ndvi=np.array(values)).valid[1], values
+    for values, day in (([0.75, 0.5, 0.75], 15.5), ([1.0, 0.5, 0.8125], 15), ([0.75, 0.5, 0.71875], 15),
+                        ([0.71875, 0.5, 0.75], 15)):  # fmt: skip
+        assert screen(exact, days=[0, 5, day], ndvi=np.array(values)).valid.all(), values
+    two_parcels = screen(days=[0, 5, 10], pids=[1, 2, 2], ndvi=np.array([0.8, 0.5, 0.8]))
+    assert two_parcels.valid.all()
+    assert screen(ValidityPolicy(dip=None), days=[0, 5, 10], ndvi=np.array([0.8, 0.5, 0.8])).valid.all()
+    cloudy_middle = screen(
+        days=[0, 5, 10], ndvi=np.array([0.8, 0.5, 0.8]), hist=scl_rows({4: 1}, {9: 1}, {4: 1})
+    )
+    assert cloudy_middle.reason[1] == "SCL cloud 100% > 5%"  # already rejected: not a dip too
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"max_cloudy": 0.1},
+            "[validity]: unknown key(s) max_cloudy; expected unusable_classes, max_unusable_share",
+        ),
+        ({"unusable_classes": [3, 12]}, "'unusable_classes' must list SCL classes 0..11, got [3, 12]"),
+        ({"unusable_classes": [True]}, "'unusable_classes' must list SCL classes 0..11"),
+        ({"unusable_classes": 3}, "'unusable_classes' must list SCL classes 0..11, got 3"),
+        ({"require_scl": 1}, "'require_scl' must be true or false, got 1"),
+        ({"max_haze": -0.1}, "'max_haze' must be a non-negative number, got -0.1"),
+        ({"dip": True}, "'dip' must be a non-negative number, got True"),
+        ({"dip_tolerance": "0.1"}, "'dip_tolerance' must be a non-negative number"),
+        ({"max_unusable_share": 1.5}, "'max_unusable_share' is a share 0..1, got 1.5"),
+        ([1, 2], "[validity]: expected a table, got list"),
+    ],
+)
+def test_a_bad_validity_table_is_refused_naming_key_and_value(table, message):
+    """Planted bugs: `value < 0` -> `value <= 0`; `0 <= c < SCL_CLASSES` -> `<=`; the bool checks dropped."""
+    with pytest.raises(ConfigError) as info:
+        ValidityPolicy.from_table(table)
+    assert message in str(info.value)
+
+
+def test_validity_tables_round_trip():
+    """`false` switches a screen off; classes are sorted and unique; numbers become floats; the
+    policy reads back from its own table. Planted bug: as_table writing None (not TOML)."""
+    table = {"unusable_classes": [9, 3, 9], "max_haze": False, "dip": False, "dip_recovery_days": 7,
+             "max_unusable_share": 0, "require_scl": True}  # fmt: skip
+    policy = ValidityPolicy.from_table(table)
+    assert policy == ValidityPolicy((3, 9), 0.0, True, None, None, 7.0)
+    assert isinstance(policy.dip_recovery_days, float)
+    table = policy.as_table()
+    assert table["max_haze"] is False and table["dip"] is False and table["unusable_classes"] == [3, 9]
+    assert ValidityPolicy.from_table(table) == policy
+    assert (
+        ValidityPolicy.from_table(None)
+        == ValidityPolicy()
+        == ValidityPolicy.of(None)
+        == ValidityPolicy.of({})
+    )
+    assert ValidityPolicy.of({"validity": policy}) is policy
+    assert ValidityPolicy.of({"validity": {"dip": 0.2}}).dip == 0.2
+    assert ValidityPolicy().scl_share(scl_rows({4: 9, 9: 1})).tolist() == [0.1]
