@@ -50,6 +50,7 @@ ARGUMENTS: dict[str, str] = {
     "pixels": "the width and height, in pixels, of the image wanted",
     "point": "(lon, lat) in EPSG:4326",
     "dates": "(first, last) day wanted, both included (datetime.date)",
+    "app": "the FastAPI application `cbm serve` runs: add routers (and static mounts) to it",
 }
 
 # Sources -------------------------------------------------------------------------------------
@@ -170,3 +171,8 @@ def cbm_rule_schemes() -> Mapping[str, Path]:
 @hookspec
 def cbm_cli_commands(cli: click.Group) -> None:
     """Add commands to the ``cbm`` command line."""
+
+
+@hookspec
+def cbm_web_routes(app: Any) -> None:
+    """Add web pages or routes to the application ``cbm serve`` runs (after the REST API's)."""

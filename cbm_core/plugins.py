@@ -34,7 +34,7 @@ CORE_API_VERSION = "1.0"
 DISABLED_ENV = "CBM_DISABLED_PLUGINS"
 TRACE_ENV = "CBM_TRACE_PLUGINS"
 OPTIONS_ATTRIBUTE = "CBM_OPTIONS"  # module-level set of the option keys a plugin reads from its table
-FAMILIES = ("source", "extractor", "store", "marker", "rule", "cli")
+FAMILIES = ("source", "extractor", "store", "marker", "rule", "cli", "web")
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,11 @@ class PluginManager:
             others = [p for n, p in self.pm.list_name_plugin() if n != plugin and p is not None]
             self._callers[key] = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
         return self._callers[key]
+
+    def add_web_routes(self, app: Any) -> None:
+        """Let every plugin add its pages to the web application `cbm serve` runs
+        (``cbm_web_routes``), after the application's own routes."""
+        self.hook.cbm_web_routes(app=app)
 
 
 def api_compatible(wanted: str, provided: str) -> bool:

@@ -33,7 +33,7 @@ def test_every_hook_has_a_one_line_docstring_and_the_naming_convention():
     for name in hooks:
         doc = getattr(hookspecs, name).__doc__
         assert doc and len(doc.strip().splitlines()) == 1, name
-        assert name.split("_")[1] in {"source", "extractor", "store", "marker", "rule", "cli"}, name
+        assert name.split("_")[1] in {"source", "extractor", "store", "marker", "rule", "cli", "web"}, name
 
 
 def test_blocked_plugin_is_not_loaded_and_is_reported(monkeypatch):

@@ -58,6 +58,7 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    manager.add_web_routes(app)  # plugin pages (the workbench) with the same users and aoi rights
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
