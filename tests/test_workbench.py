@@ -54,7 +54,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pd.concat([parcels, extra], ignore_index=True).to_file(folder / "parcels.gpkg", layer="parcels")
     config = folder / "run.toml"
     config.write_text(
-        f'scheme = "ndvi-drop"\n[run]\nout = "out"\n'
+        '[run]\nout = "out"\n'
+        # the ndvi-drop recipe with thin cirrus accepted: 7 green parcels with an event, 11 red
+        '[[marker]]\nplugin = "ndvi_drop"\nmin_drop = 0.1\nmin_valid = 3\n'
+        "[validity]\nunusable_classes = [0, 1, 3, 8, 9, 11]\nmax_haze = false\ndip = false\n"
+        '[rule]\nplugin = "traffic_light"\nmarkers.ndvi_drop = { expect = "event", min_confidence = 0.5 }\n'
         f'[source]\nplugin = "local"\nparcels = "{folder / "parcels.gpkg"}"\ncrop_name_column = "crop_name"\n'
         f'scenes = "{DEMO / "scenes.csv"}"\n'
         '[[extract]]\nplugin = "zonal"\ncard = "s2"\nbands = ["B04", "B08", "B11", "SCL"]\n'
@@ -221,7 +225,8 @@ def test_panel_data_tells_valid_from_rejected_and_names_missing_data(demo: Path)
     bench = Workbench(open_run(demo))
     panels = bench.panels([4, OUTSIDE])
     s2 = panels[4]["s2"]
-    assert len(s2["dates"]) == 12 and sum(s2["valid"]) == 2 and sum(s2["used"]) == 3
+    assert len(s2["dates"]) == 12 and sum(s2["valid"]) == 3 and sum(s2["used"]) == 3
+    assert s2["why"][0].startswith("SCL") and s2["why"][-1] == ""  # 04-02 cloudy, 04-30 valid
     assert panels[4]["markers"][0]["events"][0]["main"] == "2023-04-30"
     assert len(panels[4]["bs"]["VV"]) == 10 and panels[4]["peers"]["count"] >= 17
     assert panels[OUTSIDE]["notes"] == ["No observations of this parcel in the signature store."]
@@ -253,8 +258,8 @@ def test_clicking_a_parcel_shows_its_series_and_chips(browser, exported: Path) -
     wait(browser, "return CBM.panelPid === 4", "the panel did not open on parcel 4")
     panel = browser.find_element("css selector", "#panel")
     assert "Parcel 4" in panel.text and "GREEN" in panel.text and "ndvi_drop" in panel.text
-    assert len(panel.find_elements("css selector", "svg.series circle.valid")) == 2
-    assert len(panel.find_elements("css selector", "svg.series path.rejected")) == 10
+    assert len(panel.find_elements("css selector", "svg.series circle.valid")) == 3
+    assert len(panel.find_elements("css selector", "svg.series path.rejected")) == 9
     assert len(panel.find_elements("css selector", "svg.series line.event")) == 2  # one per panel
     assert "No chip calendar in this export for parcel 4" in panel.text  # green: not exported
     assert browser.execute_script("return location.hash") == "#pid=4"
@@ -276,9 +281,9 @@ def test_filters_change_the_list_and_the_keyboard_walks_it(browser, exported: Pa
     browser.find_element("css selector", "#f-lights input[value=green]").click()
     assert len(list_pids(browser)) == 19
     reason = browser.find_element("css selector", "#f-reason")
-    reason.send_keys("0 clear")
+    reason.send_keys("0 valid")
     narrowed = list_pids(browser)
-    assert narrowed == [OUTSIDE]  # its reason: 0 clear Sentinel-2 observation(s)
+    assert narrowed == [OUTSIDE]  # its reason: 0 valid Sentinel-2 observation(s)
     reason.clear()
     reason.send_keys("x")
     reason.clear()

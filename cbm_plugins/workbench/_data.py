@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from cbm_core.model import DEFAULT_MAX_UNUSABLE_SHARE, DEFAULT_UNUSABLE_CLASSES, unusable_share
+from cbm_core.errors import CbmError
+from cbm_core.model import ValidityPolicy, unusable_share
 from cbm_plugins.analyst._plots import LIGHT_COLOURS, FinishedRun, data_notes, observations
 
 TILE_ZOOM = 14  # parcels are cut into tiles of this zoom (about 1.5 km wide at 50° N)
@@ -163,6 +164,15 @@ class Workbench:
     # Panels ------------------------------------------------------------------------------------
 
     @cached_property
+    def policy(self) -> ValidityPolicy:
+        """The run's validity policy (its scheme's), the default one where the scheme is not known
+        (a dataset served without its run configuration)."""
+        try:
+            return self.run.policy
+        except (CbmError, TypeError, AttributeError):
+            return ValidityPolicy()
+
+    @cached_property
     def s2_dates(self) -> list[dict[str, Any]]:
         """The Sentinel-2 scenes with their share of parcels valid under the core's policy (the
         background layers offer them, the clearest first)."""
@@ -170,8 +180,8 @@ class Workbench:
         store = self.run.engine.read_store(self.run.config.store, obsids=list(scenes["obsid"]))
         share = {}
         if not store.scl.empty:
-            bad = unusable_share(store.scl, DEFAULT_UNUSABLE_CLASSES)
-            valid = pd.Series(bad <= DEFAULT_MAX_UNUSABLE_SHARE, index=store.scl["obsid"].astype(str))
+            bad = unusable_share(store.scl, self.policy.unusable_classes)
+            valid = pd.Series(bad <= self.policy.max_unusable_share, index=store.scl["obsid"].astype(str))
             share = valid.groupby(level=0).mean().to_dict()
         dates = [
             {
@@ -223,7 +233,7 @@ class Workbench:
             one = type(series)(
                 stats_groups.get(pid, empty_stats), scl_groups.get(pid, empty_scl), series.parcels.iloc[0:0]
             )
-            obs = observations(one, pid, DEFAULT_MAX_UNUSABLE_SHARE)
+            obs = observations(one, pid, self.policy)
             row = parcels.loc[pid]
             marks = result_groups.get(pid, results.iloc[0:0])
             used = {o for text in marks["obsids"] for o in json.loads(text or "[]")} if len(marks) else set()
@@ -233,7 +243,9 @@ class Workbench:
                 "reasons": [r for r in str(row["reasons"]).split("; ") if r],
                 "crop": row["crop"],
                 "notes": data_notes(obs, self.run.cards),
-                "s2": _columns(obs["s2"], {"NDVI": "ndvi", "clear": "valid", "cloudy": "unusable"}, used),
+                "s2": _columns(
+                    obs["s2"], {"NDVI": "ndvi", "clear": "valid", "cloudy": "unusable", "why": "why"}, used
+                ),
                 "bs": _columns(obs["bs"], {"VV_dB": "VV", "VH_dB": "VH"}),
                 "c6": _columns(obs["c6"], {"VV": "VV", "VH": "VH"}),
                 "markers": [
@@ -261,7 +273,7 @@ class Workbench:
             if len(same) > PEER_SAMPLE:
                 same = np.random.default_rng(0).choice(same, PEER_SAMPLE, replace=False)
             series = self.run.series([int(p) for p in same])
-            frames = [observations(series, int(p), DEFAULT_MAX_UNUSABLE_SHARE)["s2"] for p in same]
+            frames = [observations(series, int(p), self.policy)["s2"] for p in same]
             valid = (
                 pd.concat(frames, ignore_index=True)
                 if frames
@@ -296,7 +308,12 @@ def _columns(frame: pd.DataFrame, names: dict[str, str], used: set[str] | None =
     }
     for column, name in names.items():
         values = frame[column] if column in frame else pd.Series([], dtype=float)
-        out[name] = [bool(v) for v in values] if values.dtype == bool else _rounded(values)
+        if pd.api.types.is_bool_dtype(values):
+            out[name] = [bool(v) for v in values]
+        elif pd.api.types.is_numeric_dtype(values):
+            out[name] = _rounded(values)
+        else:
+            out[name] = ["" if v is None or pd.isna(v) else str(v) for v in values]
     if used is not None:
         out["used"] = [o in used for o in out["obsids"]]
     return out

@@ -5,6 +5,7 @@ map library are static files without data, served without a login."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,8 @@ from fastapi.responses import HTMLResponse, ORJSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from cbm_core.config import PluginConfig, RunConfig
+from cbm_core.config import PluginConfig, RunConfig, load_run_config
+from cbm_core.errors import CbmError
 from cbm_core.pipeline import Engine
 from cbm_plugins.analyst._plots import FinishedRun
 from cbm_plugins.serve._auth import Who
@@ -49,14 +51,15 @@ def bench_of(ds: Dataset) -> Workbench:
         if key not in _benches:
             catalogue = ds.catalogue().reset_index(drop=True)
             cards = sorted(set(catalogue["card"].astype(str)))
+            original = _run_config(ds)
             config = RunConfig(
-                path=Path(f"dataset {ds.aoi} {ds.year}"),
+                path=original.path if original else Path(f"dataset {ds.aoi} {ds.year}"),
                 out_dir=ds.results.parent if ds.results is not None else Path("."),
                 source=ds.source,
                 store=ds.store,
                 extract=tuple(PluginConfig("served", {"card": c}) for c in cards),
-                scheme=None,
-                scheme_ref=None,
+                scheme=original.scheme if original else None,
+                scheme_ref=original.scheme_ref if original else None,
             )
             verdicts = ds.table("verdicts")
             run = FinishedRun(
@@ -71,6 +74,18 @@ def bench_of(ds: Dataset) -> Workbench:
                 del _benches[old]
             _benches[key] = Workbench(run, title=f"{ds.aoi} {ds.year}")
         return _benches[key]
+
+
+def _run_config(ds: Dataset) -> RunConfig | None:
+    """The configuration of the run that made the dataset's results (its summary.json names it),
+    for the run's validity policy; None when it cannot be read (the default policy then)."""
+    if ds.results is None:
+        return None
+    summary = ds.results.parent / "summary.json"
+    try:
+        return load_run_config(Path(json.loads(summary.read_text(encoding="utf-8"))["config"]))
+    except (CbmError, OSError, KeyError, ValueError, TypeError):
+        return None
 
 
 @router.get("/", response_class=HTMLResponse)

@@ -429,7 +429,9 @@
         s.dates.forEach((t, i) => {
           const v = s.ndvi[i];
           if (v === null) return;
-          const tip = `${t} NDVI ${v.toFixed(3)} · ${s.valid[i] ? "valid" : "rejected"} (${s.unusable[i] === null ? "no SCL" : Math.round(s.unusable[i] * 100) + "% unusable"})${s.used[i] ? " · used by a marker" : ""}`;
+          const share = s.unusable[i] === null ? "no SCL" : Math.round(s.unusable[i] * 100) + "% unusable";
+          const verdict = s.valid[i] ? "valid" : "rejected" + (s.why && s.why[i] ? ": " + s.why[i] : "");
+          const tip = esc(`${t} NDVI ${v.toFixed(3)} · ${verdict} (${share})${s.used[i] ? " · used by a marker" : ""}`);
           if (s.valid[i]) svg += `<circle class="obs valid" cx="${x(t)}" cy="${y(v)}" r="3.5" fill="#2e7d32"><title>${tip}</title></circle>`;
           else svg += `<path class="obs rejected" d="M${x(t) - 3},${y(v) - 3}l6,6m0,-6l-6,6" stroke="#757575" stroke-width="1.5"><title>${tip}</title></path>`;
           if (s.used[i]) svg += `<circle cx="${x(t)}" cy="${y(v)}" r="6.5" fill="none" stroke="#6a1b9a" stroke-width="1.5"><title>${tip}</title></circle>`;
