@@ -282,14 +282,20 @@ def cloud_filter(panel: Panel, policy: ValidityPolicy | None = None) -> Panel:
     return screened.take(screened.valid)
 
 
-def rejected(panel: Panel, k: int) -> tuple[tuple[str, str], ...]:
-    """(obsid, reason) of the observations of the k-th parcel of a screened panel that were rejected."""
+def rejected(panel: Panel) -> list[tuple[tuple[str, str], ...]]:
+    """Per parcel of a screened panel: (obsid, reason) of its observations the policy rejected.
+
+    Built for all parcels at once (one zip over the rejected rows, then a slice per parcel): a
+    marker reports them for every parcel, so this must cost little per parcel.
+    """
     if panel.valid is None:
-        return ()
-    a, b = panel.offsets[k], panel.offsets[k + 1]
-    bad = np.flatnonzero(~panel.valid[a:b]) + a
-    names = panel.obs_names
-    return tuple((str(names[panel.obs[i]]), str(panel.why[i])) for i in bad)
+        return [()] * len(panel.pids)
+    bad = np.flatnonzero(~panel.valid)
+    pairs = list(
+        zip(panel.obs_names[panel.obs[bad]].astype(str).tolist(), panel.why[bad].tolist(), strict=True)
+    )
+    cuts = np.searchsorted(bad, panel.offsets).tolist()
+    return [tuple(pairs[cuts[k] : cuts[k + 1]]) for k in range(len(panel.pids))]
 
 
 def add_index(panel: Panel, name: str) -> Panel:

@@ -48,9 +48,13 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     name = str(p.get("name", NAME))
     pids = ts.batch_pids(series)
     full, clear = ts.s2_panel(series, BANDS, p, indices=("NDVI", "BSI"))
-    lo, hi = ts.season_bounds(clear, p["period_start"], p["period_end"])
+    lo, hi = ts.season_bounds(full, p["period_start"], p["period_end"], ts.campaign_year(p))
     n_clear_any = ts.obs_count(clear, ts.align(clear, pids))
     clear = ts.in_window(clear, lo, hi)
+    seen = ts.in_window(full, lo, hi)
+    seen_pos = ts.align(seen, pids)
+    seen_start, seen_end = ts.obs_ranges(seen, seen_pos)
+    dropped = ts.rejected(seen)
     pos = ts.align(clear, pids)
     start, end = ts.obs_ranges(clear, pos)
     bare = (clear.values["NDVI"] <= float(p["ndvi_max"])) & (clear.values["BSI"] >= float(p["bsi_min"]))
@@ -76,7 +80,15 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     with ts.no_gc():
         for k, pid in enumerate(pids.tolist()):
             n = int(end[k] - start[k])
+            window, gap = ts.evidence_window(
+                seen.t[seen_start[k] : seen_end[k]], clear.t[start[k] : end[k]], lo, hi
+            )
+            rejected = dropped[seen_pos[k]] if seen_pos[k] >= 0 else ()
+            used = tuple(names[obs[i]] for i in range(int(start[k]), int(end[k])))
             values = {
+                "valid_observations": n,
+                "window": window,
+                "max_gap_days": gap,
                 "n_clear": n,
                 "n_s2": int(n_all[k]),
                 "bare_days": round(float(bare_days[k]), 1),
@@ -85,12 +97,23 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
             }
             if n < int(p["min_clear_obs"]):
                 why = (
-                    "all Sentinel-2 observations cloudy"
+                    "no valid Sentinel-2 observation"
                     if n_clear_any[k] == 0 and n_all[k]
-                    else "too few clear Sentinel-2"
+                    else "too few valid Sentinel-2"
                 )
-                reason = f"{why}: {n} clear observation(s) in the period, {p['min_clear_obs']} needed"
-                out.append(MarkerResult(name, pid, Status.NOT_VALID, reason, values=values, confidence=0.0))
+                reason = f"{why}: {n} valid observation(s) in {window}, {p['min_clear_obs']} needed"
+                out.append(
+                    MarkerResult(
+                        name,
+                        pid,
+                        Status.NOT_VALID,
+                        reason,
+                        values=values,
+                        confidence=0.0,
+                        obsids=used,
+                        rejected=rejected,
+                    )
+                )
                 continue
             events = []
             for e in range(bounds[k], bounds[k + 1]):
@@ -127,8 +150,13 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
             confidence = round(max(0.0, 1 - hidden / max(hi + 1 - lo, 1.0)), 3)
             values["max_gap"] = round(float(gaps.max()), 1)
             values["n_observations"] = n
-            used = tuple(names[obs[i]] for i in range(int(start[k]), int(end[k])))
-            out.append(MarkerResult(name, pid, Status.OK, "", events, values, confidence, used))
+            reason = (
+                f"{len(events)} event(s) in {n} valid observation(s) {window}"
+                if events
+                else f"no ploughing step in {n} valid observation(s) {window}; "
+                f"bare {values['bare_days']:g} days, longest {values['longest_bare_days']:g}"
+            )
+            out.append(MarkerResult(name, pid, Status.OK, reason, events, values, confidence, used, rejected))
     return out
 
 

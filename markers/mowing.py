@@ -204,7 +204,9 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     pids = ts.batch_pids(series)
     full, s2 = _s2_series(series, p)
     s1, s1_kind = _s1_series(series, p)
-    lo, hi = ts.season_bounds(s2 if len(s2.t) else s1, p["season_start"], p["season_end"])
+    lo, hi = ts.season_bounds(
+        full if len(full.t) else s1, p["season_start"], p["season_end"], ts.campaign_year(p)
+    )
     if hi < lo:
         raise ValueError(f"mowing: season_end {p['season_end']} is before season_start {p['season_start']}")
     s2_pos, s1_pos, full_pos = ts.align(s2, pids), ts.align(s1, pids), ts.align(full, pids)
@@ -231,7 +233,7 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     used = slot[:-1][ev_parcel] + within  # compact the per-parcel slots
     n_all = ts.obs_count(full, full_pos)
     with ts.no_gc():
-        return _results(
+        results = _results(
             name,
             p,
             pids,
@@ -247,6 +249,15 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
             floats,
             n_all,
         )
+    # the evidence the traffic-light rule weighs (docs/markers.md: valid_observations, window, max_gap_days)
+    window = f"{ts.to_date(lo)}..{ts.to_date(hi)}"
+    dropped = ts.rejected(full)
+    for k, result in enumerate(results):
+        v = result.values
+        v["valid_observations"], v["window"], v["max_gap_days"] = v["n_clear_s2"], window, v["max_gap_s2"]
+        if full_pos[k] >= 0:
+            result.rejected = dropped[full_pos[k]]
+    return results
 
 
 def _orbit_codes(panel: ts.Panel) -> np.ndarray:

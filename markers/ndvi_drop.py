@@ -46,6 +46,7 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     pos = ts.align(full, pids)
     start, end = ts.obs_ranges(full, pos)
     names = full.obs_names
+    dropped = ts.rejected(full)
     min_drop, min_valid = float(p["min_drop"]), int(p["min_valid"])
     out = []
     with ts.no_gc():
@@ -56,7 +57,7 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
             obsids = tuple(str(names[i]) for i in full.obs[ok])
             window, gap = ts.evidence_window(full.t[a:b], t, lo, hi)
             values: dict[str, Any] = {"valid_observations": len(ok), "window": window, "max_gap_days": gap}
-            rejected = ts.rejected(full, pos[k]) if pos[k] >= 0 else ()
+            rejected = dropped[pos[k]] if pos[k] >= 0 else ()
             if len(ok) < min_valid:
                 reason = f"{len(ok)} valid Sentinel-2 observation(s) in {window}; {min_valid} needed"
                 out.append(

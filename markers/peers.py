@@ -73,8 +73,14 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     name = str(p.get("name", NAME))
     parcels = series.parcels.sort_values("pid")
     pids = parcels["pid"].to_numpy(np.int64)
-    _, clear = ts.s2_panel(series, ("B04", "B08"), p, indices=("NDVI",))
-    lo, hi = ts.season_bounds(clear, p["season_start"], p["season_end"])
+    full, clear = ts.s2_panel(series, ("B04", "B08"), p, indices=("NDVI",))
+    lo, hi = ts.season_bounds(full, p["season_start"], p["season_end"], ts.campaign_year(p))
+    seen = ts.in_window(full, lo, hi)
+    seen_pos = ts.align(seen, pids)
+    seen_start, seen_end = ts.obs_ranges(seen, seen_pos)
+    dropped = ts.rejected(seen)
+    window_clear = ts.in_window(clear, lo, hi)
+    clear_start, clear_end = ts.obs_ranges(window_clear, ts.align(window_clear, pids))
     step = float(p["step_days"])
     n_bins = max(1, int(np.ceil((hi + 1 - lo) / step)))
     pos = ts.align(clear, pids)
@@ -118,13 +124,22 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     z_max = float(p["z_max"])
     out = []
     for k, pid in enumerate(pids.tolist()):
-        values = {"n_clear": int(n_clear[k]), "n_peers": int(n_peers[k])}
+        window, gap = ts.evidence_window(
+            seen.t[seen_start[k] : seen_end[k]], window_clear.t[clear_start[k] : clear_end[k]], lo, hi
+        )
+        values = {
+            "valid_observations": int(n_clear[k]),
+            "window": window,
+            "max_gap_days": gap,
+            "n_clear": int(n_clear[k]),
+            "n_peers": int(n_peers[k]),
+        }
         if not located[k]:
             out.append(MarkerResult(name, pid, Status.NOT_VALID, "parcel has no geometry", values=values))
             continue
         if not valid[k]:
             reason = (
-                f"{int(n_clear[k])} clear Sentinel-2 observation(s) in season, {p['min_clear_obs']} needed"
+                f"{int(n_clear[k])} valid Sentinel-2 observation(s) in {window}, {p['min_clear_obs']} needed"
             )
             out.append(MarkerResult(name, pid, Status.NOT_VALID, reason, values=values, confidence=0.0))
             continue
@@ -159,5 +174,12 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
         confidence = min(1.0, n_peers[k] / (2 * int(p["min_peers"])))
         start, end = ts.obs_ranges(clear, pos[k : k + 1])
         used = tuple(names[i] for i in clear.obs[start[0] : end[0]])
-        out.append(MarkerResult(name, pid, Status.OK, "", events, values, round(confidence, 3), used))
+        rejected = dropped[seen_pos[k]] if seen_pos[k] >= 0 else ()
+        reason = (
+            f"NDVI profile score {s:.2f} {'>=' if events else '<'} {z_max:g} against {int(n_peers[k])} "
+            f"peers, {int(n_clear[k])} valid observation(s) {window}"
+        )
+        out.append(
+            MarkerResult(name, pid, Status.OK, reason, events, values, round(confidence, 3), used, rejected)
+        )
     return out

@@ -55,7 +55,10 @@ def test_period_and_bad_input(scenario):
     cloudy[list(HIST_COLUMNS)] = 0
     cloudy["hist_8"] = 50
     overcast = bare_soil.run(TimeSeries(sub.stats, cloudy, sub.parcels), {})
-    assert all(r.status == Status.NOT_VALID and "cloudy" in r.reason for r in overcast)
+    assert all(
+        r.status == Status.NOT_VALID and "no valid Sentinel-2 observation" in r.reason for r in overcast
+    )
+    assert all(why.startswith("SCL cloud 100%") for r in overcast for _, why in r.rejected)
     no_swir = sub.stats[sub.stats["band"] != "B11"]
     missing = bare_soil.run(TimeSeries(no_swir, sub.scl, sub.parcels), {})
     assert len(missing) == 5 and all(r.status == Status.NOT_VALID for r in missing)

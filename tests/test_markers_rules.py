@@ -27,6 +27,9 @@ def cut(day: str, kind: str = "mowing:s2") -> Event:
     return Event(when, when, when, 0.3, 0.9, ("S2_a", "S2_b"), kind)
 
 
+SEEN = {"valid_observations": 20, "window": "2023-03-16..2023-10-27", "max_gap_days": 15.0}  # evidence
+
+
 def decide(results: list[MarkerResult], rule: dict, crops=("grassland",)) -> list:
     parcels = gpd.GeoDataFrame(
         {"pid": range(1, len(crops) + 1), "crop_code": 1, "crop_name": list(crops)},
@@ -47,7 +50,9 @@ def test_recipes_parse_into_schemes():
 
 def test_min_events_season_and_kinds():
     results = [
-        MarkerResult("mowing", 1, Status.OK, events=[cut("2023-02-01"), cut("2023-06-01")], confidence=0.9)
+        MarkerResult(
+            "mowing", 1, Status.OK, events=[cut("2023-02-01"), cut("2023-06-01")], values=SEEN, confidence=0.9
+        )
     ]
     rule = {"markers": {"mowing": {"min_events": 2}}}
     assert decide(results, rule)[0].light == "green"
@@ -55,15 +60,15 @@ def test_min_events_season_and_kinds():
     verdict = decide(results, seasonal)[0]
     assert verdict.light == "red"
     assert "1 event(s) between 03-16 and 10-27" in verdict.reasons[0] and "2 needed" in verdict.reasons[0]
-    assert "2023-06-01 (obs S2_a -> S2_b)" in verdict.reasons[0]
+    assert "mowing:s2 2023-06-01 0.30 (2023-06-01; obs S2_a -> S2_b)" in verdict.reasons[0]
     kinds = {"markers": {"mowing": {"kinds": ["ploughing"], "expect": "no_event"}}}
     assert decide(results, kinds)[0].light == "green"
 
 
 def test_conflicts_low_confidence_and_crop_scope():
-    mowed = MarkerResult("mowing", 1, Status.OK, events=[cut("2023-06-01")], confidence=0.9)
+    mowed = MarkerResult("mowing", 1, Status.OK, events=[cut("2023-06-01")], values=SEEN, confidence=0.9)
     ploughed = MarkerResult(
-        "bare_soil", 1, Status.OK, events=[cut("2023-05-01", "ploughing")], confidence=0.9
+        "bare_soil", 1, Status.OK, events=[cut("2023-05-01", "ploughing")], values=SEEN, confidence=0.9
     )
     rule = {"markers": {"bare_soil": {"expect": "no_event"}}}
     verdict = decide([mowed, ploughed], rule)[0]
@@ -77,11 +82,56 @@ def test_conflicts_low_confidence_and_crop_scope():
     assert verdict.light == "yellow" and "too few observations" in verdict.reasons[0]
     scoped = {"markers": {"mowing": {"crops": ["grassland"]}, "bare_soil": {"expect": "no_event"}}}
     arable = [
-        MarkerResult("mowing", 1, Status.OK, confidence=0.9),
-        MarkerResult("bare_soil", 1, Status.OK, confidence=0.9),
+        MarkerResult("mowing", 1, Status.OK, values=SEEN, confidence=0.9),
+        MarkerResult("bare_soil", 1, Status.OK, values=SEEN, confidence=0.9),
     ]
     assert decide(arable, scoped, crops=("maize",))[0].light == "green"  # mowing does not apply to maize
     assert decide(arable, scoped, crops=("grassland",))[0].light == "yellow"
+
+
+def test_lights_rest_on_evidence_and_valid_observations():
+    """No red from absence of evidence, no green from a rejected observation; reasons say what is missing."""
+    rule = {"markers": {"ndvi_drop": {"expect": "event", "min_valid": 6, "max_gap_days": 30}}}
+    few = {"valid_observations": 3, "window": "2023-04-01..2023-04-30", "max_gap_days": 12.0}
+    nothing = MarkerResult(
+        "ndvi_drop", 1, Status.OK, "largest NDVI drop 0.09 (2023-04-05 -> 2023-04-15) < 0.10", values=few
+    )
+    verdict = decide([nothing], rule)[0]
+    assert verdict.light == "yellow"
+    assert verdict.reasons[0] == (
+        "ndvi_drop: no event; largest NDVI drop 0.09 (2023-04-05 -> 2023-04-15) < 0.10; "
+        "insufficient evidence: 3 valid observations in 2023-04-01..2023-04-30; 6 needed"
+    )
+    assert decide([MarkerResult("ndvi_drop", 1, Status.OK, values=SEEN)], rule)[0].light == "red"
+    gappy = SEEN | {"max_gap_days": 45.0}
+    verdict = decide([MarkerResult("ndvi_drop", 1, Status.OK, values=gappy)], rule)[0]
+    assert verdict.light == "yellow" and "45 days without a valid observation" in verdict.reasons[0]
+    unknown = MarkerResult("ndvi_drop", 1, Status.OK, values={})
+    assert decide([unknown], rule)[0].light == "yellow"  # a marker that reports no evidence cannot give red
+    # an event resting on an observation the policy rejected confirms nothing
+    cirrus = MarkerResult(
+        "ndvi_drop",
+        1,
+        Status.OK,
+        events=[cut("2023-04-30")],
+        values=few,
+        confidence=0.9,
+        obsids=("S2_a",),
+        rejected=(("S2_b", "SCL thin cirrus 100% > 5%"),),
+    )
+    verdict = decide([cirrus], rule)[0]
+    assert verdict.light == "yellow"
+    assert "event 2023-04-30 ignored: it rests on S2_b (SCL thin cirrus 100% > 5%)" in verdict.reasons[0]
+    assert (
+        decide([MarkerResult(**{**cirrus.__dict__, "rejected": (), "obsids": ("S2_a", "S2_b")})], rule)[
+            0
+        ].light
+        == "green"
+    )
+    # a prohibited practice: no ploughing seen on too few looks is no green either
+    ban = {"markers": {"bare_soil": {"expect": "no_event", "kinds": ["ploughing"]}}}
+    assert decide([MarkerResult("bare_soil", 1, Status.OK, values=few)], ban)[0].light == "yellow"
+    assert decide([MarkerResult("bare_soil", 1, Status.OK, values=SEEN)], ban)[0].light == "green"
 
 
 @pytest.fixture(scope="module")
