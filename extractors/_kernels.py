@@ -39,6 +39,7 @@ import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1164,12 +1165,11 @@ class Block:
 
         context = contextvars.copy_context()
         context.run(READ_PLAN.set, plan)
-        reader = threading.Thread(target=context.run, args=(decode,), name="cbm-decode", daemon=True)
-        reader.start()
+        reader = _decoder().submit(context.run, decode)
         try:
             out = plan.reduce_as_decoded(nodata_of)
         finally:
-            reader.join()
+            reader.result()
         if "error" in outcome:
             raise outcome["error"]
         window = outcome["window"]
@@ -1191,6 +1191,26 @@ class Block:
         if planned is not None and planned[0] is window.array:
             return planned[1]
         return self.cache.get(self.parcels, self.number, Grid.of(window), self.options)
+
+
+_DECODER: ThreadPoolExecutor | None = None
+_DECODER_LOCK = threading.Lock()
+DECODER_THREADS = 8  # decoding jobs in flight at once (one per extraction running in this process)
+
+
+def _decoder() -> ThreadPoolExecutor:
+    """The process's decoding threads, started once (a thread start costs milliseconds under load)."""
+    global _DECODER
+    with _DECODER_LOCK:
+        if _DECODER is None:
+            _DECODER = ThreadPoolExecutor(max_workers=DECODER_THREADS, thread_name_prefix="cbm-decode")
+        return _DECODER
+
+
+# Parcels worth a reduction call of their own while the rest decodes: each numba parallel call has
+# a fixed cost, so finished parcels are reduced in a few large groups, not one per row of blocks.
+MIN_STRIPE_PARCELS = 4096
+STRIPES_PER_WINDOW = 6
 
 
 class _CoveragePlan:
@@ -1234,6 +1254,7 @@ class _CoveragePlan:
         order, last_rows, ordered = row_stripes(index)
         nodata = nodata_of(frame)
         out = np.empty((len(index), len(STATS)), np.float64)
+        worth = max(MIN_STRIPE_PARCELS, len(index) // STRIPES_PER_WINDOW)
         reduced, seen = 0, -1
         while reduced < len(index):
             with self._changed:
@@ -1242,7 +1263,7 @@ class _CoveragePlan:
             if finished and seen < frame.array.shape[0]:
                 return out  # the read failed part-way: the caller raises its error
             upto = len(index) if finished else int(np.searchsorted(last_rows, seen, side="left"))
-            if upto > reduced:
+            if upto > reduced and (finished or upto - reduced >= worth):
                 part = PixelIndex(index.grid, ordered.pids[reduced:upto], ordered.offsets[reduced : upto + 1],
                                   ordered.run_start, ordered.run_length, index.key)  # fmt: skip
                 out[order[reduced:upto]] = zonal_stats(frame.array, part, nodata)
