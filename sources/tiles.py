@@ -8,7 +8,7 @@ Options::
     attribution = "© ..."     # stored in the image's metadata
     cache = "tile-cache"      # folder of fetched tiles (default: a folder in the temporary directory)
     timeout = 10              # seconds per tile request
-    max_tiles = 64            # tiles one image may need (a guard against huge extents)
+    max_tiles = 64            # tiles per image: a larger extent is drawn from a coarser level
 
 The image is the mosaic of the tiles covering the bounds at the level whose pixels are closest to
 (not coarser than) the requested resolution, cropped to the bounds, in EPSG:3857.
@@ -96,20 +96,22 @@ def cbm_source_orthophoto(
 ) -> RasterWindow:
     url = _template(config)
     minx, miny, maxx, maxy = Transformer.from_crs(crs, WEB_MERCATOR, always_xy=True).transform_bounds(*bounds)
+    minx, miny, maxx, maxy = (float(np.clip(v, -HALF_WORLD, HALF_WORLD)) for v in (minx, miny, maxx, maxy))
+    if not (np.isfinite([minx, miny, maxx, maxy]).all() and maxx > minx and maxy > miny):
+        raise InputError(f"{config.where}: the area lies outside the Web Mercator world (|lat| > 85°)")
     wanted = max(maxx - minx, maxy - miny) / max(int(pixels), 1)  # metres per pixel
     level = math.ceil(math.log2(2 * HALF_WORLD / (TILE * max(wanted, 1e-6))))
     z = int(min(max(level, 0), int(config.get("zoom", DEFAULT_ZOOM))))
-    size = 2 * HALF_WORLD / 2**z / TILE  # metres per pixel at level z
-    count = 2**z
-    col0, col1 = (int((v + HALF_WORLD) / (size * TILE)) for v in (minx, maxx))
-    row0, row1 = (int((HALF_WORLD - v) / (size * TILE)) for v in (maxy, miny))
-    col0, row0 = max(col0, 0), max(row0, 0)
-    col1, row1 = min(col1, count - 1), min(row1, count - 1)
-    tiles = (col1 - col0 + 1) * (row1 - row0 + 1)
-    if tiles > int(config.get("max_tiles", DEFAULT_MAX_TILES)):
-        raise InputError(
-            f"{config.where}: {tiles} tiles needed, more than max_tiles; ask for a smaller extent"
-        )
+    while True:  # the finest level within max_tiles: a larger extent gets a coarser (upsampled) image
+        size = 2 * HALF_WORLD / 2**z / TILE  # metres per pixel at level z
+        count = 2**z
+        col0, col1 = (int((v + HALF_WORLD) / (size * TILE)) for v in (minx, maxx))
+        row0, row1 = (int((HALF_WORLD - v) / (size * TILE)) for v in (maxy, miny))
+        col0, row0 = max(col0, 0), max(row0, 0)
+        col1, row1 = min(col1, count - 1), min(row1, count - 1)
+        if (col1 - col0 + 1) * (row1 - row0 + 1) <= int(config.get("max_tiles", DEFAULT_MAX_TILES)) or z == 0:
+            break
+        z -= 1
     mosaic = np.zeros((3, (row1 - row0 + 1) * TILE, (col1 - col0 + 1) * TILE), np.uint8)
     for row in range(row0, row1 + 1):
         for col in range(col0, col1 + 1):

@@ -5,14 +5,17 @@ bad-input and cross-aoi cases (clear 4xx, never another aoi's data, never 5xx)."
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import schemathesis
 from conftest import DEMO
 from fastapi.testclient import TestClient
 from servers import TileServer
@@ -175,6 +178,8 @@ def test_backgrounds_from_a_tile_service(jrc, tiles):
     assert unknown.status_code == 404 and "google" in unknown.json()["error"]
     huge = get(client, "/query/backgroundByParcelID", **FL, pid="7", chipsize=100_000)
     assert huge.status_code == 422
+    widest = get(client, "/query/backgroundByParcelID", **FL, pid="7", chipsize=2048, extend=5000)
+    assert widest.status_code == 200  # more tiles than max_tiles at full zoom: drawn from a coarser level
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # a PNG read from memory
@@ -217,6 +222,15 @@ def test_chips_for_a_season_and_jrc_scene_references(jrc):
     other = get(client, "/query/rawChipByParcelID", auth=BOB, **FL, pid="7", start_date="2023-04-05",
                 end_date="2023-04-05")  # fmt: skip
     assert other.status_code == 403
+    # without aoi (as the JRC client asks) a user finds only the datasets of their own aois
+    days = {"start_date": "2023-04-05", "end_date": "2023-04-05"}
+    for path in ("/query/rawChipByLocation", "/query/chipsByLocation"):
+        blind = get(client, path, auth=BOB, **AT_DEMO, **days)
+        assert blind.status_code == 404 and "chips" not in blind.json(), path
+    blind_background = get(client, "/query/backgroundByLocation", auth=BOB, **AT_DEMO)
+    assert blind_background.status_code == 404
+    no_imagery = get(client, "/query/rawChipByParcelID", auth=BOB, **BE, pid=CODE, **days)
+    assert no_imagery.status_code == 404 and "no scene catalogue" in no_imagery.json()["error"]
 
 
 def test_info_and_markers(jrc):
@@ -231,3 +245,32 @@ def test_info_and_markers(jrc):
     events = result.results[result.results["events"] != "[]"]
     assert len(markers["foi_id"]) >= len(events) and set(markers["foi_id"]) == {str(p) for p in events["pid"]}
     assert get(client, "/query/markers", auth=BOB, **FL).status_code == 403
+
+
+JRC_ROUTES = ("backgroundByLocation", "backgroundByParcelID", "weatherTimeSeries", "chipsByLocation",
+              "chipsByParcelID", "rawS1ChipsBatch", "rawChipsBatch", "markers", "info", "parcelTimeSeries",
+              "parcelPeers")  # fmt: skip
+
+
+def test_jrc_routes_fuzzed_never_answer_5xx(jrc):
+    client, _ = jrc
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{ANN[0]}:{ANN[1]}".encode()).decode()}
+    settings = hypothesis.settings(
+        max_examples=12, deadline=None, suppress_health_check=list(hypothesis.HealthCheck),
+        phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate], database=None,
+    )  # fmt: skip
+    for operation in schema.get_all_operations():
+        operation = operation.ok()
+        if operation.path.rsplit("/", 1)[-1] not in JRC_ROUTES:
+            continue
+
+        @settings
+        @hypothesis.given(case=operation.as_strategy())
+        def fuzz(case):
+            if isinstance(case.query, dict) and "aoi" not in case.query:
+                case.query = {**case.query, "aoi": "fl", "year": 2023}
+            response = case.call(headers=auth)
+            assert response.status_code < 500, (case.path, case.query, case.body, response.text)
+
+        fuzz()

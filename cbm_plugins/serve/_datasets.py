@@ -3,6 +3,7 @@ the lookup that checks a user's right to the dataset's aoi."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ import pandas as pd
 import shapely
 
 from cbm_core.config import PluginConfig
+from cbm_core.errors import ConfigError
 from cbm_core.plugins import PluginManager
 from cbm_plugins.serve._files import Files
 from cbm_plugins.serve._http import ApiError
@@ -126,7 +128,11 @@ class Dataset:
         """The dataset's scenes indexed by obsid, re-read every CATALOGUE_TTL seconds."""
         with self._lock:
             if self._catalogue is None or time.monotonic() - self._catalogue[0] > CATALOGUE_TTL:
-                frame = self.hook(self.source, "cbm_source_catalogue")(config=self.source)
+                try:
+                    frame = self.hook(self.source, "cbm_source_catalogue")(config=self.source)
+                except ConfigError as exc:  # e.g. a parcels-only source (weather, backgrounds)
+                    print(f"cbm serve: dataset {self.key}: {exc}", file=sys.stderr)
+                    raise ApiError(404, f"dataset {self.key} has no scene catalogue") from None
                 frame.index = frame["obsid"].to_numpy()
                 epoch = (pd.to_datetime(frame["obstime"], utc=True) - EPOCH) // pd.Timedelta(seconds=1)
                 meta = pd.DataFrame({"epoch": epoch, "card": frame["card"], "orbit": frame["orbit"]})

@@ -70,6 +70,8 @@ def background_by_location(
     """An orthophoto (chipsize pixels over extend metres) around a location, as the URL of a
     GeoTIFF (or PNG); the dataset is the named one or the first readable one covering the point."""
     ds = data.lookup(who, aoi, year, None) if aoi is not None else data.with_parcels_at(who, lon, lat)
+    if not ds.near(lon, lat):
+        raise ApiError(404, f"the location is outside dataset {ds.key}")
     return background(request, data, ds, lon, lat, chipsize, extend, tms, iformat)
 
 
