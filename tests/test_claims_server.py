@@ -46,6 +46,7 @@ def folder(tmp_path_factory) -> Path:
     write_users(folder / "users.json", {
         "ann": make_user("ann", PASSWORD, ["fl", "broken", "down"]),
         "bob": make_user("bob", PASSWORD, ["nl"]), "root": make_user("root", PASSWORD, ["*"]),
+        "flo": make_user("flo", PASSWORD, ["fl"]),
     })  # fmt: skip
     return folder
 
@@ -69,7 +70,7 @@ def test_datasets_are_found_by_aoi_and_year_and_guarded_per_aoi(client):
     check removed; `aoi is None or who.may_read(aoi)` -> `aoi is None` (404 told bob fl/2019
     does not exist)."""
     path, pid = "/query/parcelByID", {"pid": 7}
-    assert get(client, path, **FL, **pid).json()["pid"] == [7]
+    assert get(client, path, **FL, **pid).json()["pid"] == ["7"]  # JRC: pids are text
     assert get(client, path, aoi="FL", year=2023, **pid).status_code == 200  # aois are case-insensitive
     assert get(client, path, auth=ROOT_USER, **FL, **pid).status_code == 200  # '*' reads every aoi
     denied = get(client, path, auth=BOB, **FL, **pid)
@@ -89,46 +90,55 @@ def test_datasets_are_found_by_aoi_and_year_and_guarded_per_aoi(client):
 def test_chips_without_aoi_come_only_from_a_dataset_the_user_may_read(client):
     """Old clients send no aoi: the server picks the first dataset the user may read that has
     scenes at the point. Planted bug (issue 19): that fallback's `may_read` check replaced by
-    True (bob, who may read only nl, got fl's chips with 200)."""
+    True (bob, who may read only nl, got fl's chips with 200). Chip answers link to signed URLs (the
+    JRC client sends no credentials; a forged signature is refused); the same chip through
+    /chips/{token}/{name} needs basic auth and the chip's aoi."""
     dates = {"start_date": "2023-04-05", "end_date": "2023-04-05", "band": "B04", "chipsize": 100}
     mine = get(client, "/query/rawChipByLocation", **AT_FL, **dates)
     assert mine.status_code == 200 and mine.json()["obsids"] == ["S2A_MSIL2A_20230405_T31UFS"]
     theirs = get(client, "/query/rawChipByLocation", auth=BOB, **AT_FL, **dates)
     assert theirs.status_code == 404
     assert theirs.json() == {"error": "no dataset you may read has scenes at this location"}
-    far = get(client, "/query/rawChipByLocation", lon=-70.0, lat=-30.0, **dates)
-    assert far.status_code == 404  # ann may read fl, but it has no scene there
+    far = get(client, "/query/rawChipByLocation", auth=("flo", PASSWORD), lon=-70.0, lat=-30.0, **dates)
+    assert far.status_code == 404  # flo may read fl, but it has no scene there
     batch = {**AT_FL, "tiles": ["S2A_MSIL2A_20230405_T31UFS"], "bands": ["B04"], "chipsize": 100}
     assert client.post("/query/rawChipsBatch", json=batch, auth=ANN).status_code == 200
     assert client.post("/query/rawChipsBatch", json=batch, auth=BOB).status_code == 404
-    link = mine.json()["chips"][0].replace("http://testserver", "")
+    signed = mine.json()["chips"][0].replace("http://testserver", "")  # /signed/{stamp}/{token}/{name}
+    _, _, stamp, token, name = signed.split("/")
+    assert get(client, signed, auth=None).status_code == 200  # the JRC client fetches without credentials
+    forged = signed.replace(stamp, stamp[:-1] + ("A" if stamp[-1] != "A" else "B"))
+    assert get(client, forged, auth=None).status_code == 403
+    link = f"/chips/{token}/{name}"  # the same chip through basic auth: per aoi
     assert get(client, link).status_code == 200
-    assert get(client, link, auth=BOB).status_code == 403  # chip files are per aoi too
+    assert get(client, link, auth=BOB).status_code == 403
     assert get(client, link, auth=ROOT_USER).status_code == 200
     assert get(client, link, auth=None).status_code == 401
-    token = link.split("/")[2]
     assert get(client, link.replace(token, "A" * 32)).status_code == 404  # expired or never made
 
 
 def test_unknown_users_cost_as_much_time_as_wrong_passwords(client):
     """docs/rest-api.md: a wrong user name takes as long as a wrong password (a scrypt each), so
     user names cannot be enumerated by timing; a verified password skips the scrypt. Planted bug:
-    the dummy hash for unknown users removed (they were answered ~100x faster)."""
+    the dummy hash for unknown users removed (they were answered ~50x faster)."""
 
-    def fastest(auth) -> tuple[float, int]:
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()  # a dataset that does not exist: no data read after the login
-            answer = get(client, "/query/parcelByID", auth=auth, aoi="fl", year=2019, pid=7)
-            times.append(time.perf_counter() - start)
-        return min(times), answer.status_code
+    def fastest(*logins) -> list[tuple[float, int]]:
+        """The quickest of six tries of each login, tried in turn (load bursts hit all alike)."""
+        best = {login: (float("inf"), 0) for login in logins}
+        for _ in range(6):
+            for login in logins:
+                start = time.perf_counter()  # a dataset that does not exist: no data read after the login
+                answer = get(client, "/query/parcelByID", auth=login, aoi="fl", year=2019, pid=7)
+                best[login] = (min(best[login][0], time.perf_counter() - start), answer.status_code)
+        return [best[login] for login in logins]
 
-    unknown, unknown_status = fastest(("nobody", PASSWORD))
-    wrong, wrong_status = fastest(("ann", "wrong password"))
+    (unknown, unknown_status), (wrong, wrong_status) = fastest(
+        ("nobody", PASSWORD), ("ann", "wrong password")
+    )
     assert unknown_status == wrong_status == 401
-    assert unknown > 0.5 * wrong, (unknown, wrong)
+    assert unknown > 0.25 * wrong, (unknown, wrong)  # without the dummy hash: ~0.02
     get(client, "/query/parcelByID", **FL, pid=7)  # verified once
-    known, status = fastest(ANN)
+    [(known, status)] = fastest(ANN)
     assert status == 404 and known < 0.5 * wrong, (known, wrong)
 
 
