@@ -30,10 +30,14 @@ def cut(day: date = MAY, kind: str = "mowing", obsids: tuple[str, ...] = ("S2_a"
     return Event(day, day, day, 0.3, 0.9, obsids, kind)
 
 
+WINDOW = "2023-04-01..2023-09-30"
+
+
 def ok(marker: str, pid: int, *events: Event, confidence: float | None = 0.9, seen: int = 12) -> MarkerResult:
+    """An OK result whose evidence (`seen` valid observations in the window) suffices by default."""
     return MarkerResult(
         marker, pid, Status.OK, events=list(events), confidence=confidence,
-        values={"n_observations": seen}, obsids=("S2_a", "S2_b"),
+        values={"valid_observations": seen, "window": WINDOW, "max_gap_days": 20}, obsids=("S2_a", "S2_b"),
     )  # fmt: skip
 
 
@@ -56,7 +60,7 @@ def test_one_failed_and_one_undecided_marker_is_yellow_not_red(engine):
     undecided = MarkerResult("bare_soil", 1, Status.NOT_VALID, reason="2 clear observations")
     verdict = judge(engine, [failed, undecided]).loc[1]
     assert verdict["light"] == "yellow"
-    assert "bare_soil: NOT_VALID (2 clear observations)" in verdict["reasons"]
+    assert "bare_soil" in verdict["reasons"] and "2 clear observations" in verdict["reasons"]
     low = ok("bare_soil", 1, cut(), confidence=0.2)  # low confidence counts as undecided too
     assert light(engine, [failed, low]) == "yellow"
     assert light(engine, [failed, low], red_if_any_fails=True) == "yellow"  # "and none is unknown"
@@ -89,7 +93,8 @@ def test_not_executed_is_undecided_whatever_its_events(engine):
     """A marker that did not run cannot confirm anything. Planted bug: `!=` -> `==` on the status."""
     broken = MarkerResult("mowing", 1, Status.NOT_EXECUTED, reason="plugin error", events=[cut()])
     verdict = judge(engine, [broken]).loc[1]
-    assert verdict["light"] == "yellow" and verdict["reasons"] == "mowing: NOT_EXECUTED (plugin error)"
+    assert verdict["light"] == "yellow" and verdict["reasons"].startswith("mowing: ")
+    assert "plugin error" in verdict["reasons"]
 
 
 def test_min_confidence_is_inclusive_and_missing_confidence_is_trusted(engine):
@@ -134,9 +139,9 @@ def test_season_window_bounds_are_inclusive_and_full_dates_work(engine):
     only_end = {"markers": {"mowing": {"season_end": "06-30"}}}
     assert light(engine, [ok("mowing", 1, cut(date(2023, 1, 2)))], **only_end) == "green"
     reason = judge(engine, [ok("mowing", 1, seen=7)], **window).loc[1, "reasons"]
-    assert reason == "mowing: no event between 05-10 and 06-30 in 7 observation(s)"
+    assert reason.startswith("mowing: no event between 05-10 and 06-30")
     open_end = judge(engine, [ok("mowing", 1)], **only_end).loc[1, "reasons"]
-    assert open_end == "mowing: no event between ... and 06-30 in 12 observation(s)"
+    assert open_end.startswith("mowing: no event between ... and 06-30")
 
 
 def test_kinds_match_by_prefix(engine):
@@ -164,11 +169,10 @@ def test_reasons_name_the_evidence_and_the_parcel_issue(engine):
     parcels = sample_parcels(2).assign(issue=["invalid geometry repaired (Self-intersection)", ""])
     results = [ok("mowing", 1, cut(obsids=("S2_a", "S2_b"))), ok("mowing", 2, cut(obsids=()))]
     verdicts = judge(engine, results, parcels)
-    assert verdicts.loc[1, "reasons"] == (
-        "parcel: invalid geometry repaired (Self-intersection); mowing: 1 event(s): mowing 2023-05-10"
-        " (obs S2_a -> S2_b)"
-    )
-    assert verdicts.loc[2, "reasons"] == "mowing: 1 event(s): mowing 2023-05-10 (obs n/a)"
+    first = verdicts.loc[1, "reasons"]
+    assert first.startswith("parcel: invalid geometry repaired (Self-intersection); mowing: 1 event(s): ")
+    assert "mowing 2023-05-10" in first and "obs S2_a -> S2_b" in first
+    assert "obs n/a" in verdicts.loc[2, "reasons"]
 
 
 def test_reasons_of_open_windows_unnamed_kinds_and_timed_bounds(engine):
@@ -177,10 +181,10 @@ def test_reasons_of_open_windows_unnamed_kinds_and_timed_bounds(engine):
     with only a start lost its text); `end or '...'` -> `end`; `e.get('kind') or 'event'` ->
     `e.get('kind')`; `text[:10]` -> `text[:11]`."""
     only_start = {"markers": {"mowing": {"season_start": "05-10"}}}
-    reason = judge(engine, [ok("mowing", 1, seen=3)], **only_start).loc[1, "reasons"]
-    assert reason == "mowing: no event between 05-10 and ... in 3 observation(s)"
+    reason = judge(engine, [ok("mowing", 1)], **only_start).loc[1, "reasons"]
+    assert reason.startswith("mowing: no event between 05-10 and ...")
     unnamed = judge(engine, [ok("mowing", 1, cut(kind=""))]).loc[1, "reasons"]
-    assert unnamed == "mowing: 1 event(s): event 2023-05-10 (obs S2_a -> S2_b)"
+    assert unnamed.startswith("mowing: 1 event(s): event 2023-05-10")
     timed = {"markers": {"mowing": {"season_end": "2023-06-30 12:00:00"}}}
     assert light(engine, [ok("mowing", 1, cut(date(2023, 6, 30)))], **timed) == "green"
 
@@ -192,3 +196,23 @@ def test_a_parcel_issue_must_be_text_to_be_a_reason(engine):
     verdicts = judge(engine, [ok("mowing", 1, cut()), ok("mowing", 2, cut())], parcels)
     assert not verdicts.loc[1, "reasons"].startswith("parcel:")
     assert verdicts.loc[2, "reasons"].startswith("parcel: empty geometry; ")
+
+
+def test_no_event_is_red_or_green_only_on_enough_valid_observations(engine):
+    """Lights rest on evidence: the absence of an event judges a parcel only when the marker saw
+    at least `min_valid` valid observations (default 6) and no longer gap than `max_gap_days`;
+    otherwise yellow, saying what is missing. Planted bugs: `int(n) < need` -> `<=`; the gap test
+    dropped."""
+    assert light(engine, [ok("mowing", 1, seen=6)]) == "red"
+    few = judge(engine, [ok("mowing", 1, seen=5)]).loc[1]
+    assert few["light"] == "yellow" and f"5 valid observations in {WINDOW}; 6 needed" in few["reasons"]
+    ban = {"markers": {"bare_soil": {"expect": "no_event"}}}
+    assert light(engine, [ok("bare_soil", 1, seen=5)], **ban) == "yellow"
+    assert light(engine, [ok("bare_soil", 1, seen=6)], **ban) == "green"
+    gappy = {"markers": {"mowing": {"max_gap_days": 19}}}
+    assert light(engine, [ok("mowing", 1)], **gappy) == "yellow"  # the marker reports a 20-day gap
+    assert light(engine, [ok("mowing", 1)], markers={"mowing": {"max_gap_days": 20}}) == "red"
+    unknown = MarkerResult("mowing", 1, Status.OK, confidence=0.9)  # reports no evidence at all
+    assert light(engine, [unknown]) == "yellow"
+    assert light(engine, [unknown], markers={"mowing": {"min_valid": 0}}) == "red"  # the marker's own gate
+    assert light(engine, [ok("mowing", 1, cut(), seen=1)]) == "green"  # an event needs no count
