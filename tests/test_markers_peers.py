@@ -41,7 +41,10 @@ def test_too_few_peers_and_no_observation():
     empty = TimeSeries(
         scenario.series.stats.iloc[0:0], scenario.series.scl.iloc[0:0], scenario.series.parcels
     )
-    assert all(r.status == Status.NOT_VALID and "0 valid Sentinel-2 observation(s)" in r.reason for r in peers.run(empty, {}))
+    assert all(
+        r.status == Status.NOT_VALID and "0 valid Sentinel-2 observation(s)" in r.reason
+        for r in peers.run(empty, {})
+    )
     nowhere = TimeSeries(
         scenario.series.stats, scenario.series.scl, scenario.series.parcels.assign(geometry=None)
     )
