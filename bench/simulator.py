@@ -12,7 +12,8 @@ The same measurements run on the real signatures and on simulated parcel-years o
 profile ("default": the original, "flanders": calibrated on these numbers), so docs/benchmarks.md
 can show them side by side: valid-observation share and gaps between valid Sentinel-2 observations
 (April-October), NDVI noise of grassland (robust spread of differences <= 6 days apart), cloud
-leakage (share of SCL-valid observations the mowing marker's haze screen removes), blue reflectance
+leakage (share of SCL-valid grassland observations the validity policy's haze and dip tests or the
+mowing marker's haze screen remove), blue reflectance
 of valid observations, winter NDVI of grassland, Sentinel-1 backscatter levels and speckle
 (differences of consecutive same-orbit dB values), the share of dekads with a valid observation, and
 the depth of the cuts the mowing marker finds on grassland. The project never reads ../shared at run
@@ -50,6 +51,14 @@ def _q(values, qs=(10, 50, 90)) -> dict:
     return {"n": len(values), **{f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}}
 
 
+def haze_rejections(full, grass: set[int], lo: float, hi: float) -> int:
+    """Grassland observations in the season SCL accepts but the validity policy rejects as haze or a dip."""
+    why = np.asarray(full.why if full.why is not None else np.zeros(0), dtype=str)
+    hazy = np.char.startswith(why, "haze") | np.char.startswith(why, "NDVI dip")
+    hazy &= np.isin(np.repeat(full.pids, full.n_obs), list(grass))
+    return int((hazy & (full.t >= lo) & (full.t <= hi)).sum())
+
+
 def s2_statistics(series, grass: set[int], year: int) -> dict:
     """Validity, gaps, noise, leakage and blue level of a batch's Sentinel-2 series in the season."""
     p = dict(mowing.DEFAULTS)
@@ -67,8 +76,9 @@ def s2_statistics(series, grass: set[int], year: int) -> dict:
             winter.append(float(np.median(v[jan_feb])))
         keep = mowing._haze_screen(t, v, bl, clear, kp)
         ins = (t >= lo) & (t <= hi)
-        hazy += int((~keep & ins).sum())
-        n_valid_all += int(ins.sum())
+        if pid in grass:
+            hazy += int((~keep & ins).sum())
+            n_valid_all += int(ins.sum())
         if pid in grass:
             blue += list(bl[ins])
         tk, vk = t[keep & ins], v[keep & ins]
@@ -80,6 +90,7 @@ def s2_statistics(series, grass: set[int], year: int) -> dict:
             close = dt <= NOISE_PAIR_DAYS
             if close.sum() >= 3:
                 noise.append(1.4826 * float(np.median(np.abs(dv[close]))) / np.sqrt(2))
+    policy_haze = haze_rejections(full, grass, lo, hi)
     fpos = ts.align(full, valid.pids)
     for k, pos in enumerate(fpos.tolist()):
         t = full.t[full.offsets[pos] : full.offsets[pos + 1]]
@@ -93,7 +104,7 @@ def s2_statistics(series, grass: set[int], year: int) -> dict:
         "valid_share": _q(share),
         "gap_days": _q(gaps, (50, 75, 90, 99)),
         "valid_dekad_share": _q(dekads),
-        "haze_screened_share": round(hazy / max(n_valid_all, 1), 4),
+        "grass_haze_screened_share": round((hazy + policy_haze) / max(n_valid_all + policy_haze, 1), 4),
         "grass_b02_valid": _q(blue, (50, 90, 99)),
         "grass_ndvi_noise": _q(noise),
         "grass_winter_ndvi": _q(winter),

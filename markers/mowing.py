@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import numba
 import numpy as np
+import pandas as pd
 
 from cbm_core import impl
 from cbm_core.model import Event, MarkerResult, Status, TimeSeries, ValidityPolicy
@@ -207,8 +208,6 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     lo, hi = ts.season_bounds(
         full if len(full.t) else s1, p["season_start"], p["season_end"], ts.campaign_year(p)
     )
-    if hi < lo:
-        raise ValueError(f"mowing: season_end {p['season_end']} is before season_start {p['season_start']}")
     s2_pos, s1_pos, full_pos = ts.align(s2, pids), ts.align(s1, pids), ts.align(full, pids)
     blue = s2.values["B02"]
     clear = np.ones(len(s2.t)) if s2.cloudy is None else 1 - np.nan_to_num(s2.cloudy, nan=0.0)
@@ -227,7 +226,7 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
         hi,
         kernel_params(p),
     )
-    slot, n_ev, ev_src, ev_t, ev_f, ev_i, counts, floats = out
+    slot, n_ev, ev_src, ev_t, ev_f, ev_i, counts, floats, context = out
     ev_parcel = np.repeat(np.arange(len(pids)), n_ev)
     within = np.arange(len(ev_parcel)) - np.repeat(np.cumsum(n_ev) - n_ev, n_ev)
     used = slot[:-1][ev_parcel] + within  # compact the per-parcel slots
@@ -236,6 +235,8 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
         results = _results(
             name,
             p,
+            lo,
+            hi,
             pids,
             s2,
             s1,
@@ -248,16 +249,53 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
             counts,
             floats,
             n_all,
+            _evidence(full, s2, pids, context, lo, hi),
         )
     # the evidence the traffic-light rule weighs (docs/markers.md: valid_observations, window, max_gap_days)
     window = f"{ts.to_date(lo)}..{ts.to_date(hi)}"
-    dropped = ts.rejected(full)
-    for k, result in enumerate(results):
+    for result in results:
         v = result.values
         v["valid_observations"], v["window"], v["max_gap_days"] = v["n_clear_s2"], window, v["max_gap_s2"]
-        if full_pos[k] >= 0:
-            result.rejected = dropped[full_pos[k]]
     return results
+
+
+HAZE_REASON = "NDVI dip regained at the next valid observation (residual haze or shadow)"
+
+
+def _by_parcel(position: np.ndarray, items: np.ndarray, n: int) -> list[np.ndarray]:
+    """``items`` grouped by their parcel ``position`` (0..n-1; -1 dropped), in their original order."""
+    keep = position >= 0
+    position, items = position[keep], items[keep]
+    order = np.argsort(position, kind="stable")
+    return np.split(items[order], np.searchsorted(position[order], np.arange(1, n)))
+
+
+def _evidence(
+    full: ts.Panel, s2: ts.Panel, pids: np.ndarray, context: np.ndarray, lo: float, hi: float
+) -> tuple[list[tuple[str, ...]], list[tuple[tuple[str, str], ...]]]:
+    """Per parcel: the S2 observations the kernel used and those left out with the reason.
+
+    ``context`` marks, per valid observation, 1 = used, 2 = screened as haze, 0 = outside the
+    season and its context. Observations the validity policy rejected are reported with its reason.
+    """
+    n = len(pids)
+    where = pd.Index(pids)
+    s2_pos = where.get_indexer(np.repeat(s2.pids, s2.n_obs))
+    s2_label = np.asarray(s2.obs_names, dtype=object)[s2.obs] if len(s2.t) else np.zeros(0, object)
+    used_by = _by_parcel(s2_pos[context == 1], s2_label[context == 1], n)
+    hazy_by = _by_parcel(s2_pos[context == 2], s2_label[context == 2], n)
+    bad = np.zeros(len(full.t), bool) if full.valid is None else ~full.valid
+    bad &= (full.t >= lo - CONTEXT_BEFORE_DAYS) & (full.t <= hi + CONTEXT_AFTER_DAYS)
+    full_pos = where.get_indexer(np.repeat(full.pids, full.n_obs))[bad]
+    labels = np.asarray(full.obs_names, dtype=object)[full.obs[bad]] if bad.any() else np.zeros(0, object)
+    why = full.why[bad] if full.why is not None else np.full(int(bad.sum()), "", dtype=object)
+    bad_by, why_by = _by_parcel(full_pos, labels, n), _by_parcel(full_pos, why, n)
+    used_names = [tuple(x.tolist()) for x in used_by]
+    rejected = [
+        tuple(zip(b.tolist(), w.tolist(), strict=True)) + tuple((x, HAZE_REASON) for x in h.tolist())
+        for b, w, h in zip(bad_by, why_by, hazy_by, strict=True)
+    ]
+    return used_names, rejected
 
 
 def _orbit_codes(panel: ts.Panel) -> np.ndarray:
@@ -394,7 +432,7 @@ def _kernel(s_start, s_end, st, sv, sb, sc, c_start, c_end, ct, cv, corb, s1_kin
     Event arrays: ev_t = (start, main, end) day numbers, ev_f = (magnitude, confidence), ev_i =
     (S2 last high, S2 first low, S1) observation indices (-1 when unused). Per parcel: counts =
     (valid S2 in season, S1 in season, hazy dips removed), floats = (longest S2 gap, noise, drop
-    threshold, green-up day).
+    threshold, green-up day); per valid S2 observation, context = 1 used, 2 screened as haze.
     """
     n_p = len(s_start)
     slot = np.zeros(n_p + 1, np.int64)  # each parcel writes its events in its own slot range
@@ -407,6 +445,7 @@ def _kernel(s_start, s_end, st, sv, sb, sc, c_start, c_end, ct, cv, corb, s1_kin
     n_ev = np.zeros(n_p, np.int64)
     counts = np.zeros((n_p, 3), np.int64)
     floats = np.full((n_p, 4), np.nan)
+    context = np.zeros(len(st), np.int8)  # per valid S2 observation: 1 used, 2 haze, 0 out of context
     for p in numba.prange(n_p):
         w = slot[p]
         # valid S2 observations in the season and its context (a contiguous, time-sorted range), haze screened
@@ -417,6 +456,8 @@ def _kernel(s_start, s_end, st, sv, sb, sc, c_start, c_end, ct, cv, corb, s1_kin
         while b0 < s_end[p] and st[b0] <= hi + CONTEXT_AFTER_DAYS:
             b0 += 1
         keep = _haze_screen(st[a0:b0], sv[a0:b0], sb[a0:b0], sc[a0:b0], kp)
+        for i in range(a0, b0):
+            context[i] = 1 if keep[i - a0] else 2
         idx = np.flatnonzero(keep) + a0
         counts[p, 2] = b0 - a0 - len(idx)
         t = st[idx]
@@ -588,12 +629,14 @@ def _kernel(s_start, s_end, st, sv, sb, sc, c_start, c_end, ct, cv, corb, s1_kin
             ev_i[w] = tmp_i[r]
             w += 1
         n_ev[p] = w - first
-    return slot, n_ev, ev_src, ev_t, ev_f, ev_i, counts, floats
+    return slot, n_ev, ev_src, ev_t, ev_f, ev_i, counts, floats, context
 
 
 def _results(
     name: str,
     p: Mapping[str, Any],
+    lo: float,
+    hi: float,
     pids: np.ndarray,
     s2: ts.Panel,
     s1: ts.Panel,
@@ -606,6 +649,7 @@ def _results(
     counts: np.ndarray,
     floats: np.ndarray,
     n_all: np.ndarray,
+    evidence: tuple[list[tuple[str, ...]], list[tuple[tuple[str, str], ...]]],
 ) -> list[MarkerResult]:
     """Assemble one MarkerResult per parcel from the kernel's flat event arrays."""
     s2_names = [str(x) for x in s2.obs_names]
@@ -631,6 +675,8 @@ def _results(
     green_date = [iso.get(g) for g in green.tolist()]  # one date string per distinct day
     n_all = n_all.tolist()
     n_coh = n_s1 if s1_kind == S1_COHERENCE else [0] * len(pids)
+    used_s2, rejected = evidence
+    window = f"{ts.to_date(lo)}..{ts.to_date(hi)}" if np.isfinite(lo) and np.isfinite(hi) else "the season"
     out = []
     for k, pid in enumerate(pids.tolist()):
         ns2, nc6 = n_valid[k], n_coh[k]
@@ -657,16 +703,27 @@ def _results(
                 )
             if s1_kind == S1_BACKSCATTER and n_s1[k]:
                 reason += "; S1 backscatter alone does not show cuts (speckle as large as a cut's change)"
-            out.append(MarkerResult(name, pid, Status.NOT_VALID, reason, values=values, confidence=0.0))
+            out.append(
+                MarkerResult(
+                    name,
+                    pid,
+                    Status.NOT_VALID,
+                    reason,
+                    values=values,
+                    confidence=0.0,
+                    obsids=used_s2[k],
+                    rejected=rejected[k],
+                )
+            )
             continue
         events = []
-        obsids: list[str] = []
+        s1_used: list[str] = []
         for e in range(bounds[k], bounds[k + 1]):
             ia, ib, ic = ev_i[e]
-            used = [s2_names[s2_obs[i]] for i in (ia, ib) if i >= 0] + (
-                [s1_names[s1_obs[ic]]] if ic >= 0 else []
-            )
-            obsids += used
+            used = [s2_names[s2_obs[i]] for i in (ia, ib) if i >= 0]
+            if ic >= 0:
+                used.append(s1_names[s1_obs[ic]])
+                s1_used.append(used[-1])
             d0, d1, d2 = ev_d[e]
             events.append(
                 Event(table[d0], table[d1], table[d2], ev_mag[e], ev_conf[e], tuple(used), ev_kind[e])
@@ -682,5 +739,23 @@ def _results(
             )
             cov_s1 = CONF_NO_EVENT_S1 if nc6 >= min_s1 else 0.0
             conf = max(cov_s2, cov_s1)
-        out.append(MarkerResult(name, pid, Status.OK, "", events, values, round(conf, 3), tuple(obsids)))
+        seen = f"{ns2} valid S2 observation(s) {window} (longest gap {max_gap[k]:g} days)"
+        if events:
+            cuts = ", ".join(f"{e.main} (-{e.magnitude:.2f})" for e in events)
+            reason = f"{len(events)} cut(s): {cuts}; {seen}"
+        else:
+            reason = f"no NDVI fall of {thr[k]:.2f} or more followed by regrowth; {seen}"
+        out.append(
+            MarkerResult(
+                name,
+                pid,
+                Status.OK,
+                reason,
+                events,
+                values,
+                round(conf, 3),
+                used_s2[k] + tuple(s1_used),
+                rejected[k],
+            )
+        )
     return out

@@ -120,25 +120,42 @@ def test_a_cut_under_a_cloudy_gap_is_dated_inside_the_gap_not_at_its_end():
     assert abs((event.main - CUT).days) <= 12 < abs((end - CUT).days)
 
 
+def dipped(base: list[tuple], dip: str, low: float, back: float, *extra) -> list[tuple]:
+    """The series with `low` at `dip` and `back` at the next date (the rest unchanged)."""
+    after = base[[m for m, _ in base].index(dip) + 1][0]
+    return [(m, low, *extra) if m == dip else (m, back) if m == after else (m, v) for m, v in base]
+
+
 def test_a_hazy_single_date_dip_is_not_a_cut():
+    # dips the core validity policy lets through (below its haze line, not back within 0.05 of
+    # the level before), which the marker's own screen must still reject
     base = every("03-01", "10-30", 5, 0.8)
     dip = base[len(base) // 2][0]
-    # blue rises with the dip (haze SCL calls clear), the next date is back
-    hazy = [(m, 0.5, 0.11) if m == dip else (m, v) for m, v in base]
-    result = one(s2_rows(1, hazy))
-    # the scheme's validity policy rejects it before the marker sees it (dip that recovers in 5 days)
-    n_clear = one(s2_rows(1, base)).values["n_clear_s2"]
-    assert result.events == [] and result.values["n_clear_s2"] == n_clear - 1
-    # the same dip without blue band: a full recovery 5 days later is too quick for a cut
-    no_blue = [(m, 0.5) if m == dip else (m, v) for m, v in base]
-    result = one(s2_rows(1, no_blue, bands=("B04", "B08")))
-    assert result.events == [] and result.values["n_clear_s2"] == n_clear - 1
-    # a dip on a parcel SCL calls only partly clear (but within max_cloudy) is haze too
-    partly = [(m, 0.5, 0.03, 0.96) if m == dip else (m, v) for m, v in base]
-    assert one(s2_rows(1, partly)).events == []
-    # the planted control: the same dip lasting two dates is a cut (no haze test may eat it)
-    both = [(m, 0.5) if m == dip or m == base[len(base) // 2 + 1][0] else (m, v) for m, v in base]
-    assert len(one(s2_rows(1, both, bands=("B04", "B08"))).events) <= 1
+    # blue rises with the dip (haze SCL calls clear), 80 % regained 5 days later
+    result = one(s2_rows(1, dipped(base, dip, 0.5, 0.74, 0.08)))
+    assert result.events == [] and result.values["n_hazy_s2"] == 1
+    # the same without blue band: 80 % regained within 5 days is too quick for a cut
+    result = one(s2_rows(1, dipped(base, dip, 0.5, 0.74), bands=("B04", "B08")))
+    assert result.events == [] and result.values["n_hazy_s2"] == 1
+    # a dip on a parcel SCL calls only partly clear (but within the policy's 5 %) is haze too
+    assert one(s2_rows(1, dipped(base, dip, 0.5, 0.74, 0.03, 0.96))).events == []
+    # the planted controls: without blue rise, or regained more slowly, the same dip is a cut
+    assert len(one(s2_rows(1, dipped(base, dip, 0.5, 0.74, 0.03))).events) == 1
+    assert len(one(s2_rows(1, dipped(base, dip, 0.5, 0.65), bands=("B04", "B08"))).events) == 1
+
+
+def test_the_result_names_used_and_rejected_observations():
+    base = every("03-01", "10-30", 5, 0.8)
+    dip = base[len(base) // 2][0]
+    cloudy = base[len(base) // 2 + 3][0]
+    hazy_series = dipped(base, dip, 0.7, 0.8)
+    obs = [(m, 0.3, 0.3, 0.2) if m == cloudy else o for (m, _), o in zip(base, hazy_series, strict=True)]
+    result = one(s2_rows(1, obs))
+    reasons = dict(result.rejected)
+    hazy, clouded = (f"s2_{YEAR}{m.replace('-', '')}T103000" for m in (dip, cloudy))
+    assert reasons[hazy] == mowing.HAZE_REASON and "SCL" in reasons[clouded]
+    assert hazy not in result.obsids and clouded not in result.obsids and len(result.obsids) > 30
+    assert result.reason.startswith("no NDVI fall of 0.08 or more followed by regrowth")
 
 
 def test_a_real_cut_with_slow_recovery_survives_the_haze_screen():
