@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,7 @@ from safe_fixture import BOA_OFFSET, build_product, zip_product
 from servers import s3_client
 
 import sources.safe as safe
+from cbm_core import api
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError
 from cbm_core.pipeline import Engine
@@ -168,3 +171,34 @@ def test_broken_products_fail_alone_and_are_named(archive, tmp_path):
     assert "processing baseline 04.00 but no BOA_ADD_OFFSET for band B04" in report.failed[name[no_offset]]
     assert "MTD_MSIL2A.xml: not valid XML" in report.failed[name[bad_xml]]
     assert len(signatures.stats) == 2 * 18 * 2 and np.isfinite(signatures.stats["mean"]).all()
+
+
+def test_a_run_over_a_safe_folder_names_the_broken_scene_in_its_summary(tmp_path):
+    root = tmp_path / "eodata"
+    build_product(S2 / NEW, root, "0509")
+    broken = build_product(S2 / OLD, root, "0509", corrupt=("B04",))
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+scheme = "ndvi-drop"
+[run]
+out = "out"
+[source]
+plugin = "safe"
+root = "{root}"
+start = 2023-04-01
+end = 2023-04-30
+tiles = ["31UFS"]
+parcels = "{DEMO / "parcels.gpkg"}"
+[[extract]]
+card = "s2"
+plugin = "s2_l2a"
+bands = ["B04", "B08", "SCL"]
+cache_dir = false
+""")
+    result = api.run(config, progress=False)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    name = broken.name.removesuffix(".SAFE")
+    assert summary["scenes"]["catalogue"] == 2 and summary["scenes"]["extracted"] == 1
+    assert list(summary["scenes"]["failed"]) == [name]
+    assert "T31UFS_20230405T104621_B04_10m.jp2: cannot decode" in summary["scenes"]["failed"][name]
+    assert len(result.verdicts) == 18
