@@ -77,7 +77,7 @@ def _planned_read(
             for first, last in zip(np.r_[0, breaks + 1], np.r_[breaks, len(columns) - 1], strict=True):
                 c0, c1 = int(col_edges[columns[first]]), int(col_edges[columns[last] + 1])
                 part = Window(window.col_off + c0, window.row_off + r0, c1 - c0, r1 - r0)
-                frame.array[r0:r1, c0:c1] = dataset.read(1, window=part)
+                dataset.read(1, window=part, out=frame.array[r0:r1, c0:c1])  # in place, no copy
         plan.rows_ready(r1)
 
 

@@ -329,3 +329,38 @@ def test_expired_tokens_are_named(faults, moto, s3_proxy, monkeypatch):
         list(report.failed) == [obsid]
         and "access denied (token or signed URL expired?)" in report.failed[obsid]
     )
+
+
+def test_same_pixels_give_the_same_signatures_from_every_source(api, moto, tmp_path):
+    """One scene's pixels as a local GeoTIFF, a COG on S3, a JPEG2000 in a SAFE product (baseline
+    03.00: the same DNs and arithmetic) and a STAC-found asset: the same signatures, bit for bit."""
+    from safe_fixture import build_product
+
+    obsid, bands = "S2A_MSIL2A_20230405_T31UFS", ("B04", "B08", "B11", "SCL")
+    build_product(DEMO / "S2" / obsid, tmp_path, "0300", eodata=False)
+    remote = {"endpoint_url": moto.endpoint, "access_key_id": "testing", "secret_access_key": "testing"}
+    sources = {
+        "geotiff": PluginConfig("local", {"scenes": str(DEMO / "scenes.csv")}, DEMO, "[source]"),
+        "cog_on_s3": PluginConfig(
+            "s3", {"bucket": BUCKET, "prefix": "flanders/", "scenes": "scenes.csv", **remote}
+        ),
+        "jp2_in_safe": PluginConfig("safe", {"root": str(tmp_path)}, DEMO, "[source]"),
+        "stac": cfg(api.url, moto),
+    }
+    engine = Engine(plugins=load_plugins(entry_points=False), progress=False)
+    results = {}
+    for name, source in sources.items():
+        catalogue = engine.catalogue(source)
+        one = catalogue[catalogue["obsid"].str.startswith(obsid[:19]) & (catalogue["card"] == "s2")]
+        assert len(one) == 1, name
+        signatures, report = extract(source, one, bands=bands)
+        assert not report.failed, (name, report.failed)
+        results[name] = (
+            signatures.stats.drop(columns="obsid").sort_values(["pid", "band"], ignore_index=True),
+            signatures.scl.drop(columns="obsid").sort_values("pid", ignore_index=True),
+        )
+    stats, scl = results.pop("geotiff")
+    assert len(stats) == 18 * 3 and len(scl) == 18
+    for name, (other_stats, other_scl) in results.items():
+        pd.testing.assert_frame_equal(other_stats, stats, check_exact=True, obj=name)
+        pd.testing.assert_frame_equal(other_scl, scl, check_exact=True, obj=name)
