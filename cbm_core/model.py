@@ -291,8 +291,13 @@ def _exact_int64(value: Any) -> int | None:
     return number if INT64_MIN <= number <= INT64_MAX else None
 
 
-def validate_parcels(parcels: gpd.GeoDataFrame, what: str) -> gpd.GeoDataFrame:
-    """Check the parcel table: unique integer pids, a CRS, and usable geometries."""
+def validate_parcels(parcels: gpd.GeoDataFrame, what: str, outlines: bool = True) -> gpd.GeoDataFrame:
+    """Check the parcel table: unique integer pids, a CRS, and usable geometries.
+
+    outlines=False accepts points and lines (parcels located, not outlined: signatures need no
+    outline); otherwise a table of nothing but points or lines is refused (no pixel would be
+    measured) and a stray one is noted as the parcel's issue.
+    """
     require_columns(parcels, PARCEL_COLUMNS, what)
     if parcels.crs is None:
         raise InputError(f"{what}: the parcels have no CRS")
@@ -300,7 +305,7 @@ def validate_parcels(parcels: gpd.GeoDataFrame, what: str) -> gpd.GeoDataFrame:
     duplicated = parcels["pid"][parcels["pid"].duplicated()]
     if len(duplicated):
         raise InputError(f"{what}: column pid has duplicated value {int(duplicated.iloc[0])}")
-    return _checked_geometries(parcels, what)
+    return _checked_geometries(parcels, what, outlines)
 
 
 AREAL_TYPE_IDS = (3, 6, 7)  # shapely type ids of Polygon, MultiPolygon, GeometryCollection (repaired below)
@@ -322,7 +327,9 @@ def _check_geographic_range(parcels: gpd.GeoDataFrame, missing: np.ndarray, what
         )
 
 
-def _checked_geometries(parcels: gpd.GeoDataFrame, what: str = "parcels") -> gpd.GeoDataFrame:
+def _checked_geometries(
+    parcels: gpd.GeoDataFrame, what: str = "parcels", outlines: bool = True
+) -> gpd.GeoDataFrame:
     """Repair invalid polygons and note empty and non-areal ones per parcel in an `issue` column.
 
     A bad outline is the parcel's problem, not the run's: it stays in the table so that it
@@ -331,7 +338,7 @@ def _checked_geometries(parcels: gpd.GeoDataFrame, what: str = "parcels") -> gpd
     geoms = parcels.geometry.values
     missing = np.asarray(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     kinds = np.asarray(shapely.get_type_id(geoms))
-    areal = missing | np.isin(kinds, AREAL_TYPE_IDS)
+    areal = missing | np.isin(kinds, AREAL_TYPE_IDS) | (not outlines)
     if len(parcels) and not areal.any():
         first = int(np.flatnonzero(~missing)[0])
         raise InputError(

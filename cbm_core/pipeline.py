@@ -72,7 +72,9 @@ class Engine:
         series = self.plugins.caller(source.plugin, "cbm_source_signatures", source.where)(
             config=source, pids=pids
         )
-        parcels = validate_parcels(series.parcels, f"parcels from {source.where} plugin '{source.plugin}'")
+        parcels = validate_parcels(  # signatures need no outlines: a parcel may be given by a point
+            series.parcels, f"parcels from {source.where} plugin '{source.plugin}'", outlines=False
+        )
         return TimeSeries(series.stats, series.scl, parcels.sort_values("pid", ignore_index=True))
 
     def catalogue(self, source: PluginConfig) -> gpd.GeoDataFrame:

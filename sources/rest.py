@@ -169,7 +169,7 @@ def cbm_source_parcels(config: PluginConfig) -> gpd.GeoDataFrame:
     frame = pd.DataFrame(rows).drop(columns="srid")
     parcels = gpd.GeoDataFrame(frame, geometry="geometry", crs=f"EPSG:{srids.pop()}")
     parcels = parcels.astype({"crop_code": "string", "crop_name": "string"})
-    return validate_parcels(parcels, f"REST API {_base(config)}")
+    return validate_parcels(parcels, f"REST API {_base(config)}", outlines=False)  # locations, not outlines
 
 
 # Signatures --------------------------------------------------------------------------------------

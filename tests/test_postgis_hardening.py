@@ -145,3 +145,25 @@ def test_schema_errors_are_not_retried_as_lost_connections(postgres, monkeypatch
     assert sleeps == []
     with psycopg.connect(postgres.dsn) as conn:  # the database itself is untouched
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_server_answers_json_502_for_a_misconfigured_store_and_a_fast_503_when_down(postgres, tmp_path):
+    """Before: a plain-text 500 (UndefinedTable escaped), and ~59 s before the 503 of a dead database."""
+    from fastapi.testclient import TestClient
+    from test_server import ANN, write_server
+
+    from cbm_plugins.serve import create_app, load_server_config
+
+    never = config(postgres, schema=f"never_{uuid.uuid4().hex[:6]}")
+    store = "{ " + ", ".join(f'{k} = "{v}"' for k, v in {**never.options, "plugin": "postgis"}.items()) + " }"
+    client = TestClient(create_app(load_server_config(write_server(tmp_path, store))))
+    params = {"aoi": "fl", "year": 2023, "pid": 7, "tstype": "s2"}
+    answer = client.get("/query/parcelTimeSeries", params=params, auth=ANN)
+    assert answer.status_code == 502 and answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"error": "the dataset's data could not be read; see the server log"}
+    down = '{ plugin = "postgis", dsn = "host=127.0.0.1 port=1 dbname=x user=u" }'
+    client = TestClient(create_app(load_server_config(write_server(tmp_path, down, store_timeout=1))))
+    started = time.monotonic()
+    answer = client.get("/query/parcelTimeSeries", params=params, auth=ANN)
+    assert answer.status_code == 503 and "unavailable" in answer.json()["error"]
+    assert time.monotonic() - started < 8

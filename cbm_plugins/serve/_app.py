@@ -19,11 +19,18 @@ from cbm_plugins.serve import (
     _routes_results,
     _routes_series,
 )
-from cbm_plugins.serve._config import CONFIG_ENV, ServerConfig, check_plugins, load_server_config
+from cbm_plugins.serve._config import (
+    CONFIG_ENV,
+    ServerConfig,
+    apply_store_timeout,
+    check_plugins,
+    load_server_config,
+)
 from cbm_plugins.serve._datasets import Datasets
 from cbm_plugins.serve._files import Files
 from cbm_plugins.serve._http import SizeLimit, install_error_handlers
 from cbm_plugins.serve._logging import AccessLog
+from cbm_plugins.serve._throttle import HashPool, LoginThrottle
 from cbm_plugins.serve._users import Authenticator
 
 ROUTERS = (
@@ -40,6 +47,7 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
     """The FastAPI application serving the datasets of a server configuration."""
     manager = plugins if plugins is not None else load_plugins()
     check_plugins(config, manager)
+    apply_store_timeout(config, manager)
     config.chip_dir.mkdir(parents=True, exist_ok=True)
     app = FastAPI(
         title="cbm-engine CbM RESTful API",
@@ -49,6 +57,10 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
     files = Files(config.chip_dir, config.signing_key)
     app.state.datasets = Datasets(config.datasets, manager, config.limits, files)
     app.state.authenticator = Authenticator(config.users)
+    app.state.login_throttle = LoginThrottle()
+    app.state.hash_pool = HashPool(
+        int(config.limits["login_hash_threads"]), int(config.limits["login_hash_queue"])
+    )
     app.add_middleware(
         SizeLimit,
         max_body=int(config.limits["max_body_bytes"]),

@@ -2,35 +2,88 @@
 
 from __future__ import annotations
 
+import asyncio
+import binascii
+import math
+from base64 import b64decode
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from starlette.concurrency import run_in_threadpool
 
+from cbm_plugins.serve._throttle import HashPool, LoginThrottle
 from cbm_plugins.serve._users import Authenticator, User
 
 REALM = "cbm"
-basic = HTTPBasic(realm=REALM)
+CHALLENGE = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
+
+
+class Basic(HTTPBasic):
+    """HTTP basic credentials decoded as UTF-8 (RFC 7617's charset), else Latin-1.
+
+    FastAPI's own decodes ASCII only, so a user `cbm users add` accepted with a password like
+    "Grüße-2024!" could never log in.
+    """
+
+    async def __call__(self, request: Request) -> HTTPBasicCredentials:  # type: ignore[override]
+        scheme, _, param = (request.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "basic":
+            raise HTTPException(401, "not authenticated", headers=CHALLENGE)
+        try:
+            raw = b64decode(param.strip(), validate=True)
+        except (ValueError, binascii.Error):
+            raise HTTPException(401, "invalid authentication credentials", headers=CHALLENGE) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")  # what older clients send
+        username, separator, password = text.partition(":")
+        if not separator:
+            raise HTTPException(401, "invalid authentication credentials", headers=CHALLENGE)
+        return HTTPBasicCredentials(username=username, password=password)
+
+
+basic = Basic(realm=REALM, scheme_name="HTTPBasic")  # the OpenAPI name clients know
 
 
 async def current_user(
     request: Request, credentials: Annotated[HTTPBasicCredentials, Depends(basic)]
 ) -> User:
-    """The user the request's credentials name (401 otherwise).
+    """The user the request's credentials name (401 otherwise; 429 while backing off, see _throttle).
 
     A password verified before is checked on the event loop (a keyed hash); a new or wrong one
-    costs a scrypt, in a worker thread so that it does not hold up other requests.
+    costs a scrypt, on the bounded hash pool so that it never holds up the threads serving data.
     """
     auth: Authenticator = request.app.state.authenticator
+    throttle: LoginThrottle = request.app.state.login_throttle
+    client = f"client:{request.client.host if request.client else '?'}"
+    name = f"user:{credentials.username}"
+    _refuse_while_waiting(throttle.wait(client))  # before any check: a waiting client learns nothing
     found = auth.cached(credentials.username, credentials.password)
-    if found is None:
-        found = await run_in_threadpool(auth.check, credentials.username, credentials.password)
-    if found is None:
+    if found is not None:
+        return found
+    _refuse_while_waiting(throttle.wait(name))
+    pool: HashPool = request.app.state.hash_pool
+    future = pool.submit(auth.check, credentials.username, credentials.password)
+    if future is None:
         raise HTTPException(
-            401, "wrong user name or password", headers={"WWW-Authenticate": f'Basic realm="{REALM}"'}
+            503, "too many logins being checked; try again shortly", headers={"Retry-After": "1"}
         )
+    found = await asyncio.wrap_future(future)
+    if found is None:
+        throttle.failed(client, name)
+        raise HTTPException(401, "wrong user name or password", headers=CHALLENGE)
+    throttle.succeeded(client, name)
     return found
+
+
+def _refuse_while_waiting(seconds: float) -> None:
+    if seconds > 0:
+        raise HTTPException(
+            429,
+            f"too many failed logins; try again in {math.ceil(seconds)} s",
+            headers={"Retry-After": str(math.ceil(seconds))},
+        )
 
 
 Who = Annotated[User, Depends(current_user)]

@@ -12,6 +12,8 @@
     max_chipsize = 5120         # metres
     max_chips = 300             # chips per request (dates x bands): a season of S2 for 4 bands
     chip_dir = "chips"          # default: a temporary folder
+    store_timeout = 3           # seconds a request waits for a database that is down (then 503)
+    login_hash_threads = 1      # scrypt threads for new or wrong logins; login_hash_queue = 16 wait
 
     [[dataset]]
     aoi = "nld"
@@ -33,7 +35,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cbm_core.config import RUN_KEYS, SERVER_KEYS, check_keys, check_table, plugin_config, read_toml, tables
@@ -51,7 +53,11 @@ LIMIT_DEFAULTS = {
     "max_parcels": 100,
     "max_chipsize": 5120.0,
     "max_chips": 300,
+    "store_timeout": 3.0,  # seconds a request waits for a dataset's database that is down (then 503)
+    "login_hash_threads": 1,  # threads hashing passwords of new or wrong logins (scrypt: one core each)
+    "login_hash_queue": 16,  # logins waiting for one; more are answered 503 at once
 }
+CONNECT_TIMEOUT_OPTION = "connect_timeout"  # the option store_timeout sets on plugins that declare it
 SIGNING_KEY_ENV = "CBM_SERVER_SIGNING_KEY"  # hex; `cbm serve` makes one that all its workers share
 
 
@@ -141,6 +147,23 @@ def check_plugins(config: ServerConfig, plugins: PluginManager) -> None:
         for background in dataset.backgrounds.values():
             plugins.caller(background.plugin, "cbm_source_orthophoto", background.where)
             plugins.check_options(background)
+
+
+def apply_store_timeout(config: ServerConfig, plugins: PluginManager) -> None:
+    """A request must not wait a run's minute for a database that is down: every dataset plugin
+    that declares a `connect_timeout` option (PostGIS) gets [server] store_timeout unless its table
+    sets one, so the request is answered 503 within seconds."""
+    for dataset in config.datasets:
+        for role in ("source", "store"):
+            table = getattr(dataset, role)
+            declared = plugins.infos[table.plugin].options if table.plugin in plugins.infos else None
+            if (
+                declared
+                and CONNECT_TIMEOUT_OPTION in declared
+                and CONNECT_TIMEOUT_OPTION not in table.options
+            ):
+                options = {**table.options, CONNECT_TIMEOUT_OPTION: config.limits["store_timeout"]}
+                setattr(dataset, role, replace(table, options=options))
 
 
 def _year(value: object, where: str) -> int:

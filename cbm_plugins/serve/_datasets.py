@@ -3,6 +3,7 @@ the lookup that checks a user's right to the dataset's aoi."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ from cbm_plugins.serve._http import ApiError
 from cbm_plugins.serve._users import User
 
 AOI = r"^[A-Za-z0-9_-]{1,32}$"
+LEGACY_KEY = re.compile(r"^(.+?)(\d{4})$")  # parcels=<aoi><year>
 PID_MIN, PID_MAX = -(2**63), 2**63 - 1
 EPOCH = pd.Timestamp(0, tz="UTC")
 EXTENT_MARGIN = 0.05  # degrees (~5 km) around a dataset's parcels that still count as its area
@@ -180,12 +182,13 @@ class Datasets:
         does not reveal which datasets of other areas exist)."""
         if parcels is not None and aoi is None:
             key = parcels.lower()
+            aoi = LEGACY_KEY.match(key).group(1) if LEGACY_KEY.match(key) else key  # <aoi><year>
         elif aoi is not None and year is not None:
             key = f"{aoi}{year}".lower()
         else:
             raise ApiError(400, "give aoi and year (or the legacy parcels=<aoi><year>)")
         found = self._by_key.get(key)
-        if found is None and (aoi is None or who.may_read(aoi)):
+        if found is None and who.may_read(aoi):  # a missing dataset of another aoi is a 403 as well
             raise ApiError(404, f"no dataset {key}")
         if found is None or not who.may_read(found.aoi):
             raise ApiError(403, f"user {who.name} may not read dataset {key}")

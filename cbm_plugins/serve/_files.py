@@ -24,6 +24,7 @@ STAMP = re.compile(r"^[0-9]{1,12}-[A-Za-z0-9_-]{22}$")
 FOLDER_TTL = 3600.0  # seconds a request's folder is kept
 LINK_TTL = 900  # seconds a signed link stays valid
 UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+OWNER_FILE = ".aoi"  # in each request folder: the aoi it belongs to, and the mark that the server made it
 
 
 def safe_stem(text: str) -> str:
@@ -44,7 +45,7 @@ class Files:
         token = secrets.token_urlsafe(18)
         folder = self.root / token
         folder.mkdir(parents=True)
-        (folder / ".aoi").write_text(aoi)
+        (folder / OWNER_FILE).write_text(aoi)
         return token, folder
 
     def signed(self, token: str, name: str, now: float | None = None) -> str:
@@ -69,17 +70,27 @@ class Files:
             return None
         folder = self.root / token
         try:
-            aoi = (folder / ".aoi").read_text()
+            aoi = (folder / OWNER_FILE).read_text()
         except OSError:
             return None
         path = folder / name
         return (aoi, path) if path.is_file() else None
 
+    def discard_if_empty(self, folder: Path) -> None:
+        """Remove a request folder that received no file (every window was empty)."""
+        if not any(p.name != OWNER_FILE for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+
     def expire(self, ttl: float = FOLDER_TTL) -> None:
+        """Remove this server's request folders older than ttl, and nothing else: the chip folder may
+        be shared (`chip_dir = "shared"`), so a folder is ours only by its token name and owner file."""
         cutoff = time.time() - ttl
         for folder in self.root.iterdir():
             try:
-                if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                ours = (
+                    TOKEN.match(folder.name) and (folder / OWNER_FILE).is_file() and not folder.is_symlink()
+                )
+                if ours and folder.stat().st_mtime < cutoff:
                     shutil.rmtree(folder, ignore_errors=True)
             except OSError:
                 continue

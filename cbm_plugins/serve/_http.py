@@ -94,9 +94,16 @@ async def _data_error(_: Request, exc: CbmError) -> JSONResponse:
     return error_response(503, "the dataset's store is unavailable; try again later")
 
 
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # A bug or an error no plugin turned into a CbmError: JSON like every other answer, details logged.
+    log.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return error_response(500, "internal server error; see the server log")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """JSON error bodies for our errors, HTTP errors, validation errors and data-source failures."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(CbmError, _data_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -162,6 +162,8 @@ def make_chips(
         raise ApiError(
             400, f"{len(wanted)} chips selected, over the limit {int(limits['max_chips'])}: shorten the dates"
         )
+    if not wanted:
+        return columns(out)  # no chip: no request folder either
     token, folder = data.files.new_folder(ds.aoi)
     bounds, crs = square(lon, lat, chipsize)
     reader = ds.hook(ds.source, "cbm_source_read_window")
@@ -175,6 +177,7 @@ def make_chips(
                   band, scene.card, scene.orbit)  # fmt: skip
         for column, value in zip(out, values, strict=True):
             out[column].append(value)
+    data.files.discard_if_empty(folder)
     return columns(out)
 
 
@@ -279,10 +282,12 @@ def make_composites(
         raise ApiError(
             400, f"{len(usable)} composites selected, over the limit {int(data.limits['max_chips'])}"
         )
+    out: dict[str, list] = {"dates": [], "chips": [], "obsids": []}
+    if not usable:
+        return columns(out)  # no composite: no request folder either
     token, folder = data.files.new_folder(ds.aoi)
     bounds, crs = square(lon, lat, chipsize)
     reader = ds.hook(ds.source, "cbm_source_read_window")
-    out: dict[str, list] = {"dates": [], "chips": [], "obsids": []}
     for scene in usable:
         windows = [reader(config=ds.source, band=scene.bands[b], bounds=bounds, crs=crs) for b in bands]
         if windows[0].array.size == 0:
@@ -301,6 +306,7 @@ def make_composites(
         out["dates"].append(pd.Timestamp(scene.obstime).strftime(JRC_DATE))
         out["chips"].append(data.files.signed(token, name))
         out["obsids"].append(scene.obsid)
+    data.files.discard_if_empty(folder)
     return columns(out)
 
 

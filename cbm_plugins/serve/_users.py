@@ -70,11 +70,21 @@ def read_users(path: Path) -> dict[str, User]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return {
-            name: User(name=name, **{**fields, "aois": tuple(fields["aois"])})
+            name: User(name=name, **{**fields, "aois": _aois(fields["aois"], path, name)})
             for name, fields in data["users"].items()
         }
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: not a cbm users file ({exc})") from None
+
+
+def _aois(value: object, path: Path, name: str) -> tuple[str, ...]:
+    """A user's aois: a list of names (a bare string would become one aoi per letter: "fl" -> f, l)."""
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
+        raise ConfigError(
+            f'{path}: user {name}: "aois" must be a non-empty list of aoi names like ["fl"] '
+            f'(or ["{ALL_AOIS}"]), got {value!r}'
+        )
+    return tuple(value)
 
 
 def write_users(path: Path, users: dict[str, User]) -> None:
