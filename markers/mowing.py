@@ -6,9 +6,11 @@ noisier than that picture: haze that SCL calls clear makes single-date dips, clo
 grass is dormant (or already green) before the first growth, a dry summer makes NDVI sink slowly.
 So, per parcel:
 
-1. valid observations: the cloud filter (SCL histogram), then a residual-haze screen: an isolated
-   dip that recovers at the next valid observation and coincides with a blue-band (B02) rise, a
-   not fully clear parcel, or a full recovery too quick for regrowth, is not a cut;
+1. valid observations: the core validity policy (the scheme's [validity]: SCL classes and share, its
+   blue-red haze line, quickly regained deep dips, one per day), then the marker's residual-haze
+   screen for what the policy lets through: an isolated dip that recovers at the next valid
+   observation and coincides with a blue-band (B02) rise, a not fully clear parcel, or a recovery
+   too quick for regrowth, is not a cut;
 2. the parcel's own noise (robust spread of consecutive differences) sets the drop threshold;
 3. the season starts at the observed green-up (half-way from the spring low to the spring high),
    never before ``season_start``: no cut can precede the first growth;
@@ -230,7 +232,7 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     ev_parcel = np.repeat(np.arange(len(pids)), n_ev)
     within = np.arange(len(ev_parcel)) - np.repeat(np.cumsum(n_ev) - n_ev, n_ev)
     used = slot[:-1][ev_parcel] + within  # compact the per-parcel slots
-    n_all = ts.obs_count(full, full_pos)
+    n_all = np.stack([ts.obs_count(full, full_pos), ts.obs_count(s2, s2_pos)])  # all, valid (any date)
     with ts.no_gc():
         results = _results(
             name,
@@ -673,7 +675,7 @@ def _results(
     green = np.floor(np.nan_to_num(floats[:, 3], nan=-np.inf, neginf=-np.inf))
     iso = {g: ts.to_date(g).isoformat() for g in np.unique(green[np.isfinite(green)]).tolist()}
     green_date = [iso.get(g) for g in green.tolist()]  # one date string per distinct day
-    n_all = n_all.tolist()
+    n_all, n_valid_any = n_all.tolist()
     n_coh = n_s1 if s1_kind == S1_COHERENCE else [0] * len(pids)
     used_s2, rejected = evidence
     window = f"{ts.to_date(lo)}..{ts.to_date(hi)}" if np.isfinite(lo) and np.isfinite(hi) else "the season"
@@ -694,6 +696,11 @@ def _results(
         if ns2 < min_clear and nc6 < min_s1:
             if n_all[k] == 0 and nc6 == 0:
                 reason = "no Sentinel-2 B04/B08 (or NDVI) nor Sentinel-1 coherence observation in the season"
+            elif ns2 == 0 and n_valid_any[k] > 0:
+                reason = (
+                    f"no valid Sentinel-2 observation in the season {window} "
+                    f"({n_valid_any[k]} valid outside it), {nc6} S1 coherence"
+                )
             elif ns2 == 0 and n_all[k] > 0:
                 reason = f"all {n_all[k]} Sentinel-2 observations cloudy or invalid, {nc6} S1 coherence"
             else:

@@ -266,6 +266,15 @@ def test_coherence_alone_counts_only_where_s2_was_blind():
     assert one(s2_rows(1, blind) + s1_rows(1, "c6", "VV", single)).events == []
 
 
+def test_observations_outside_the_season_are_named_as_such():
+    rows = s2_rows(1, every("03-01", "10-30", 5, grass))
+    result = one(rows, {"season_start": "2024-03-16", "season_end": "2024-10-27"})
+    assert result.status == Status.NOT_VALID
+    assert "no valid Sentinel-2 observation in the season 2024-03-16..2024-10-27 (49 valid outside it)" in (
+        result.reason
+    )
+
+
 def test_backscatter_only_series_are_not_valid_with_a_reason():
     vh = every("03-02", "10-30", 6, lambda day: 0.02 * (1 + 0.3 * np.sin(day.toordinal())))
     result = one(s1_rows(1, "bs", "VH", vh) + s1_rows(1, "bs", "VV", [(m, 0.1) for m, _ in vh]))
