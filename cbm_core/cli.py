@@ -205,6 +205,34 @@ def extract(
 
 
 @cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+def doctor(config: Path) -> None:
+    """Check CONFIG end to end without running it: configuration and scheme, plugins and their
+    options, parcels (CRS, geometries), catalogue, bands, band files, store (reachable, schema)
+    and output folder; for a `cbm serve` configuration also its users file and datasets.
+
+    One line per check (ok, warn, fail); exit status 1 when a check fails. Nothing is extracted
+    or written.
+    """
+    from cbm_core.config import read_toml
+    from cbm_core.doctor import FAIL, Check, check_run_config
+    from cbm_core.pipeline import Engine
+
+    data = read_toml(config)
+    manager = _plugins()
+    reports = [r for r in manager.hook.cbm_cli_doctor(path=config.resolve(), data=data) if r is not None]
+    if reports:
+        checks = [Check(status, message) for report in reports for status, message in report]
+    else:
+        checks = check_run_config(config, Engine(plugins=manager, progress=False))
+    for check in checks:
+        click.echo(f"{check.status:<4}  {check.message}")
+    failed = sum(check.status == FAIL for check in checks)
+    if failed:
+        raise click.ClickException(f"{config}: {failed} of {len(checks)} checks failed")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
     """List installed plugins: name, version, kind, origin and the hooks they implement."""

@@ -47,6 +47,8 @@ ARGUMENTS: dict[str, str] = {
     "params": "the marker's or rule's parameters from the scheme",
     "results": "the marker results table (one row per marker and parcel)",
     "cli": "the click group of the `cbm` command",
+    "path": "a configuration file handed to `cbm doctor`",
+    "data": "that file's TOML, parsed",
     "pixels": "the width and height, in pixels, of the image wanted",
     "point": "(lon, lat) in EPSG:4326",
     "dates": "(first, last) day wanted, both included (datetime.date)",
@@ -171,6 +173,11 @@ def cbm_rule_schemes() -> Mapping[str, Path]:
 @hookspec
 def cbm_cli_commands(cli: click.Group) -> None:
     """Add commands to the ``cbm`` command line."""
+
+
+@hookspec
+def cbm_cli_doctor(path: Path, data: Mapping[str, Any]) -> list[tuple[str, str]] | None:
+    """Check a configuration file of a kind this plugin reads: (ok|warn|fail, message) lines, else None."""
 
 
 @hookspec

@@ -335,3 +335,65 @@ def test_temporaries_of_a_killed_run_are_removed_at_start_up(tmp_path):
     assert invoke("run", "--quiet", str(config)).exit_code == 0
     assert not any(p.exists() for p in stale) and keep.exists()
     assert not [p.name for p in (tmp_path / "out").rglob(".*") if p.name != ".cbm-run.lock"]
+
+
+# cbm doctor ---------------------------------------------------------------------------------------
+
+
+def doctor_lines(*args: str) -> tuple[int, list[str]]:
+    result = CliRunner().invoke(cli, ["doctor", *args])
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, [line for line in result.output.splitlines() if not INFO_RECORD.match(line)]
+
+
+def test_doctor_passes_a_good_configuration_and_writes_nothing(tmp_path):
+    config = write_config(tmp_path)
+    code, lines = doctor_lines(str(config))
+    assert code == 0, lines
+    assert [line.split()[0] for line in lines] == ["ok"] * 8
+    assert any("18 of 18 parcels inside a scene footprint" in line for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_doctor_names_every_problem_it_finds_without_running(tmp_path, demo_dir):
+    import shutil
+
+    demo = tmp_path / "demo"
+    shutil.copytree(demo_dir, demo)
+    (demo / "S2" / "S2A_MSIL2A_20230405_T31UFS" / "B08.tif").unlink()
+    (tmp_path / "afile").write_text("x")
+    config = write_config(
+        tmp_path,
+        f'[source]\nparcels = "{demo / "parcels.gpkg"}"\nscenes = "{demo / "scenes.csv"}"\n'
+        '[[extract]]\ncard = "s2"\nplugin = "zonal"\nbands = ["B04", "B99"]\n',
+    )
+    config.write_text(config.read_text().replace('out = "out"', 'out = "afile/out"'))
+    code, lines = doctor_lines(str(config))
+    assert code == 1
+    failures = [line for line in lines if line.startswith("fail")]
+    assert any("bands:" in line and "band 'B99' is in no s2 scene" in line for line in failures)
+    assert any("band files: 1 of" in line and "B08.tif" in line for line in failures)
+    assert any("output folder" in line and "afile is not a folder" in line for line in failures)
+    assert lines[-1] == f"Error: {config}: 3 of 8 checks failed"
+
+
+def test_doctor_refuses_a_bad_configuration_in_one_failure_line(tmp_path):
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('out = "out"', 'otu = "out"'))
+    code, lines = doctor_lines(str(config))
+    assert code == 1 and lines[0].startswith("fail  configuration: ") and "did you mean 'out'" in lines[0]
+
+
+def test_doctor_checks_a_server_configuration_and_its_users_file(tmp_path):
+    from test_server import write_server
+
+    config = write_server(tmp_path, '{ plugin = "parquet", path = "s" }')
+    code, lines = doctor_lines(str(config))
+    assert code == 0, lines
+    assert any("users file" in line and "3 user(s)" in line for line in lines)
+    users = tmp_path / "users.json"
+    users.write_text(users.read_text().replace('"aois": [\n        "fl"\n      ]', '"aois": "fl"', 1))
+    code, lines = doctor_lines(str(config))
+    assert code == 1 and any(
+        line.startswith("fail  users file:") and '"aois" must be' in line for line in lines
+    )

@@ -167,3 +167,22 @@ def test_server_answers_json_502_for_a_misconfigured_store_and_a_fast_503_when_d
     answer = client.get("/query/parcelTimeSeries", params=params, auth=ANN)
     assert answer.status_code == 503 and "unavailable" in answer.json()["error"]
     assert time.monotonic() - started < 8
+
+
+def test_doctor_reports_a_never_initialised_postgis_store(postgres, tmp_path):
+    from click.testing import CliRunner
+
+    from cbm_core.cli import cli
+
+    never = config(postgres, schema=f"never_{uuid.uuid4().hex[:6]}")
+    store = "".join(f'{k} = "{v}"\n' for k, v in {**never.options, "plugin": "postgis"}.items())
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f'scheme = "ndvi-drop"\n[source]\nparcels = "{DEMO / "parcels.gpkg"}"\n'
+        f'scenes = "{DEMO / "scenes.csv"}"\n'
+        f'[[extract]]\ncard = "s2"\nplugin = "zonal"\nbands = ["B04"]\n[store]\n{store}'
+    )
+    result = CliRunner().invoke(cli, ["doctor", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    store_line = next(line for line in result.output.splitlines() if line.startswith("fail  store:"))
+    assert "does not exist" in store_line and "cbm db init" in store_line

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import click
@@ -37,7 +39,7 @@ _PUBLIC = {
     "TS_COLUMNS": "_routes_series",
     "main": "_cli",
 }
-__all__ = sorted([*_PUBLIC, "cbm_cli_commands"])
+__all__ = sorted([*_PUBLIC, "cbm_cli_commands", "cbm_cli_doctor"])
 
 
 def __getattr__(name: str) -> Any:
@@ -54,3 +56,15 @@ def cbm_cli_commands(cli: click.Group) -> None:
 
     cli.add_command(serve_command)
     cli.add_command(users_command)
+
+
+@impl
+def cbm_cli_doctor(path: Path, data: Mapping[str, Any]) -> list[tuple[str, str]] | None:
+    """`cbm doctor` on a server configuration (one with [[dataset]] tables)."""
+    if "dataset" not in data:
+        return None
+    if importlib.util.find_spec("fastapi") is None:
+        return [("fail", f"{path}: a `cbm serve` configuration, but the serve extra is not installed")]
+    from cbm_plugins.serve._cli import server_checks
+
+    return server_checks(path)

@@ -115,3 +115,53 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+
+
+def server_checks(path: Path) -> list[tuple[str, str]]:
+    """`cbm doctor` of a server configuration: the configuration, its users file and each dataset's
+    parcels, store and result files, read as the server would read them."""
+    from cbm_core.plugins import load_plugins
+
+    try:
+        settings = load_server_config(path)
+        plugins = load_plugins()
+        check_plugins(settings, plugins)
+    except CbmError as exc:
+        return [("fail", f"configuration: {exc}")]
+    checks = [
+        (
+            "ok",
+            f"configuration {settings.path}: {len(settings.datasets)} dataset(s), plugins and options known",
+        )
+    ]
+    try:
+        users = read_users(settings.users)
+        checks.append(
+            ("ok", f"users file {settings.users}: {len(users)} user(s)")
+            if users
+            else ("warn", f"users file {settings.users}: no users yet (add them with `cbm users add`)")
+        )
+    except CbmError as exc:
+        checks.append(("fail", f"users file: {exc}"))
+    for dataset in settings.datasets:
+        name = f"dataset {dataset.key}"
+        try:
+            parcels = plugins.caller(dataset.source.plugin, "cbm_source_parcels", dataset.source.where)(
+                config=dataset.source
+            )
+            checks.append(("ok", f"{name}: {len(parcels)} parcels"))
+        except CbmError as exc:
+            checks.append(("fail", f"{name} parcels: {exc}"))
+        try:
+            stored = plugins.caller(dataset.store.plugin, "cbm_store_obsids", dataset.store.where)(
+                config=dataset.store
+            )
+            checks.append(
+                ("ok" if stored else "warn", f"{name} store: reachable, {len(stored)} scenes stored")
+            )
+        except CbmError as exc:
+            checks.append(("fail", f"{name} store: {exc}"))
+        for what, file in (("results", dataset.results), ("verdicts", dataset.verdicts)):
+            if file is not None and not file.is_file():
+                checks.append(("warn", f"{name} {what}: {file} not found (run `cbm run` first)"))
+    return checks
