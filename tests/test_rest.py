@@ -66,7 +66,8 @@ def test_reference_servers_without_scene_ids(monkeypatch):
     """A JRC server sends no obsid/orbit columns: scenes are named by card and time, so SCL still joins S2."""
     answers = {
         "parcelByID": {"pid": [5], "cropname": ["grass"], "cropcode": ["6000"], "srid": [32631],
-                       "geom": ['{"type":"Point","coordinates":[643500.0,5676000.0]}']},
+                       "geom": ['{"type":"Polygon","coordinates":[[[643500,5676000],[643600,5676000],'
+                                '[643600,5676100],[643500,5676000]]]}']},
         "s2": {"date_part": [1680652800], "band": ["B04"], "count": [10], "mean": [0.05], "std": [0.01],
                "min": [0.03], "p25": [0.04], "p50": [0.05], "p75": [0.06], "max": [0.07]},
         "scl": {"date_part": [1680652800], "hist": ['{"4": 10}']},

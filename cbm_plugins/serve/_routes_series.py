@@ -31,36 +31,36 @@ JRC_BANDS = {SCL_BAND: "SC"}
 router = APIRouter(tags=["time series"])
 
 
-def scl_hists(scl: pd.DataFrame, scenes: pd.DataFrame) -> pd.DataFrame:
-    """SCL histograms as {"class": pixels} dicts (non-zero classes), with each scene's epoch."""
-    counts = scl[list(HIST_COLUMNS)].to_numpy(np.int64)
-    hists = [{str(c): int(n) for c, n in enumerate(row) if n} for row in counts]
-    epoch = scenes["epoch"].reindex(scl["obsid"].to_numpy()).to_numpy()
-    frame = pd.DataFrame({"obsid": scl["obsid"].to_numpy(), "epoch": epoch, "hist": hists})
-    return frame[frame["epoch"].notna()].astype({"epoch": "int64"})
+CLASS_NAMES = np.array([str(c) for c in range(len(HIST_COLUMNS))], dtype=object)  # hist keys
 
 
-def scl_stats(scl: pd.DataFrame) -> pd.DataFrame:
-    """Statistics of the SCL class values from the histograms (the JRC SC band): count, mean,
-    std, min, p25, p50, p75, max of the classes of a parcel's pixels."""
-    counts = scl[list(HIST_COLUMNS)].to_numpy(np.float64)
-    total = counts.sum(axis=1)
-    keep = total > 0
-    counts, total = counts[keep], total[keep]
+def hist_dicts(counts: np.ndarray) -> list[dict[str, int]]:
+    """SCL histograms as {"class": pixels} dicts of the non-zero classes (numpy, no per-cell loop)."""
+    rows, cols = np.nonzero(counts)
+    cuts = np.searchsorted(rows, np.arange(1, len(counts)))
+    keys = np.split(CLASS_NAMES[cols], cuts)
+    values = np.split(counts[rows, cols], cuts)
+    return [dict(zip(k.tolist(), v.tolist(), strict=True)) for k, v in zip(keys, values, strict=True)]
+
+
+def class_stats(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Statistics of the SCL class values of each histogram (the JRC SC band): count, mean, std,
+    min, p25, p50, p75, max of the classes of a parcel's pixels (histograms with pixels only)."""
+    total = counts.sum(axis=1).astype(np.float64)
     classes = np.arange(counts.shape[1], dtype=np.float64)
-    mean = counts @ classes / total
-    std = np.sqrt(np.maximum(counts @ classes**2 / total - mean**2, 0))
-    cumulative = np.cumsum(counts, axis=1) / total[:, None]
+    safe = np.where(total > 0, total, 1)
+    mean = counts @ classes / safe
     present = counts > 0
-    last = counts.shape[1] - 1 - present[:, ::-1].argmax(axis=1)
-    frame = pd.DataFrame({
-        "obsid": scl["obsid"].to_numpy()[keep], "band": SCL_BAND, "count": total.astype(np.int64),
-        "mean": mean, "std": std, "min": present.argmax(axis=1).astype(np.float64),
-        "max": last.astype(np.float64),
-    })  # fmt: skip
+    cumulative = np.cumsum(counts, axis=1) / safe[:, None]
+    out = {
+        "count": total.astype(np.int64), "mean": mean,
+        "std": np.sqrt(np.maximum(counts @ classes**2 / safe - mean**2, 0)),
+        "min": present.argmax(axis=1).astype(np.float64),
+        "max": (counts.shape[1] - 1 - present[:, ::-1].argmax(axis=1)).astype(np.float64),
+    }  # fmt: skip
     for name, q in (("p25", 0.25), ("p50", 0.5), ("p75", 0.75)):
-        frame[name] = (cumulative >= q).argmax(axis=1).astype(np.float64)
-    return frame
+        out[name] = (cumulative >= q).argmax(axis=1).astype(np.float64)
+    return out
 
 
 def store_band(band: str, tstype: str) -> str:
@@ -110,37 +110,46 @@ def parcel_time_series(
         config=ds.store, pids=[number], obsids=None,
         bands=[store_band(band, tstype)] if band and tstype != "scl" else None, scl=wants_hists,
     )  # fmt: skip
-    hists = scl_hists(signatures.scl, scenes) if wants_hists else None
+    scl_rows = signatures.scl
+    counts = scl_rows[list(HIST_COLUMNS)].to_numpy(np.int64) if wants_hists else None
     if tstype == "scl":
-        order = np.argsort(hists["epoch"].to_numpy(), kind="stable")
+        at = scenes.index.get_indexer(pd.Index(scl_rows["obsid"].to_numpy(), dtype=object))
+        found = np.flatnonzero(at >= 0)
+        epoch = scenes["epoch"].to_numpy()[at[found]]
+        order = found[np.argsort(epoch, kind="stable")]
         return answer({
-            "date_part": hists["epoch"].to_numpy()[order].astype(np.float64),
-            "hist": [hists["hist"].iloc[i] for i in order], "obsid": hists["obsid"].to_numpy()[order],
+            "date_part": np.sort(epoch, kind="stable").astype(np.float64),
+            "hist": hist_dicts(counts[order]), "obsid": scl_rows["obsid"].to_numpy()[order],
         }, tsformat)  # fmt: skip
     stats = signatures.stats
-    if sc_band and not (stats["band"] == SCL_BAND).any():  # the JRC SC band, from the histograms
-        stats = pd.concat([stats, scl_stats(signatures.scl)], ignore_index=True)
-    obsid = stats["obsid"].to_numpy()
+    obsid, bands = stats["obsid"].to_numpy(), stats["band"].to_numpy()
+    columns_ = {name: stats[name].to_numpy() for name in ("count", *VALUE_COLUMNS)}
+    if sc_band and not (bands == SCL_BAND).any():  # the JRC SC band, from the histograms
+        with_pixels = counts.sum(axis=1) > 0
+        derived = class_stats(counts[with_pixels])
+        obsid = np.concatenate([obsid, scl_rows["obsid"].to_numpy()[with_pixels]])
+        bands = np.concatenate([bands, np.full(int(with_pixels.sum()), SCL_BAND, dtype=object)])
+        columns_ = {name: np.concatenate([values, derived[name]]) for name, values in columns_.items()}
     at = scenes.index.get_indexer(pd.Index(obsid, dtype=object))  # as object: no str dtype inference
     keep = np.flatnonzero(at >= 0)
     keep = keep[scenes["card"].to_numpy()[at[keep]] == card]
-    epoch, bands = scenes["epoch"].to_numpy()[at[keep]], stats["band"].to_numpy()[keep]
-    order = np.lexsort((bands, epoch))
+    epoch = scenes["epoch"].to_numpy()[at[keep]]
+    order = np.lexsort((bands[keep], epoch))
     rows = keep[order]
-    bands = bands[order]
+    bands = bands[rows]
     out: dict[str, Any] = {"date_part": epoch[order].astype(np.float64)}
     out["band"] = jrc_names(bands, tstype) if bandnames == "jrc" else bands
-    out["count"] = stats["count"].to_numpy()[rows]
+    out["count"] = columns_["count"][rows]
     scale = card == "s2" and values == "dn"
     reflectance = bands != SCL_BAND
     for name in VALUE_COLUMNS:
-        column = stats[name].to_numpy()[rows]
+        column = columns_[name][rows]
         out[name] = np.where(reflectance, column * DN_PER_REFLECTANCE, column) if scale else column
     out["obsid"] = obsid[rows]
     out["orbit"] = scenes["orbit"].to_numpy()[at[rows]]
     if ref:
         out["reference"] = out["obsid"]
-    if hists is not None and scl:
-        lookup = dict(zip(hists["obsid"], hists["hist"], strict=True))
-        out["hist"] = [lookup.get(o, {}) for o in out["obsid"]]
+    if wants_hists and scl:
+        by_obsid = dict(zip(scl_rows["obsid"].tolist(), hist_dicts(counts), strict=True))
+        out["hist"] = [by_obsid.get(o, {}) for o in out["obsid"].tolist()]
     return answer(out, tsformat)
