@@ -106,10 +106,24 @@ MODULES: dict[str, Target] = {
         ("Datasets.lookup", "Datasets.covering"),
     ),
     "http": Target("cbm_plugins/serve/_http.py", ("tests/test_claims_server.py",)),
-    "zonal": Target("extractors/zonal.py", ("tests/test_mutants_zonal.py",)),
+    "zonal": Target(
+        "extractors/zonal.py",
+        tuple(
+            f"tests/test_mutants_zonal.py::{t}"
+            for t in (
+                "test_reference_statistics_are_numpy_on_the_pixel_centres_inside",
+                "test_reference_leaves_out_nodata_and_nan_and_counts_scl_classes",
+                "test_reference_reprojects_parcels_skips_missing_bands_and_empty_outlines",
+                "test_window_edges_are_exclusive",
+            )
+        ),
+    ),
     "kernels": Target(
         "extractors/_kernels.py",
-        ("tests/test_mutants_zonal.py", "tests/test_zonal.py"),
+        (
+            "tests/test_mutants_zonal.py::test_kernels_equal_numpy_exactly",
+            "tests/test_mutants_zonal.py::test_kernel_class_histogram_and_physical_units",
+        ),
         ("zonal_stats", "class_histogram", "to_physical", "stats_frame", "scl_frame"),
     ),
 }
@@ -374,55 +388,54 @@ def _copy_repo(into: Path) -> Path:
     return into
 
 
-def _run_tests(
-    copy_root: Path, tests: tuple[str, ...], timeout: float, trace: str | None = None
-) -> tuple[str, float]:
-    """Fork, run the tests in the child against the copy; 'killed', 'survived' or 'timeout'."""
-    start = time.monotonic()
+def _start(copy_root: Path, tests: tuple[str, ...], trace: str | None = None) -> int:
+    """Fork a child that runs the tests against the copy (fresh imports of the project); its pid."""
     pid = os.fork()
-    if pid == 0:  # the child: fresh imports of the project from the copy
-        code = 1
-        try:
-            os.setsid()
-            os.chdir(copy_root)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            sys.path.insert(0, str(copy_root))
-            sys.path.insert(1, str(copy_root / "tests"))
-            os.environ["PYTHONPATH"] = str(copy_root)
-            os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
-            sys.dont_write_bytecode = True
-            import pytest
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        os.chdir(copy_root)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        sys.path.insert(0, str(copy_root))
+        sys.path.insert(1, str(copy_root / "tests"))
+        os.environ["PYTHONPATH"] = str(copy_root)
+        os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+        os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # only the plugin the tests use
+        sys.dont_write_bytecode = True
+        import pytest
 
-            os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # only the plugin the tests use
-            args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "cbm_core.testing", "-W", "ignore"]
-            if trace is not None:
-                import coverage
+        args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "cbm_core.testing", "-W", "ignore"]
+        if trace is None:
+            code = pytest.main(args)
+        else:
+            import coverage
 
-                cov = coverage.Coverage(data_file=trace, include=[str(copy_root / "*")])
-                cov.start()
-                code = pytest.main(args)
-                cov.stop()
-                cov.save()
-            else:
-                code = pytest.main(args)
-        finally:
-            os._exit(int(code))
-    deadline = start + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            code = os.waitstatus_to_exitcode(status)
-            return ("survived" if code == 0 else "killed"), time.monotonic() - start
-        if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return "timeout", time.monotonic() - start
-        time.sleep(0.05)
+            cov = coverage.Coverage(data_file=trace, include=[str(copy_root / "*")], config_file=False)
+            cov.start()
+            code = pytest.main(args)
+            cov.stop()
+            cov.save()
+    finally:
+        os._exit(int(code))
 
 
-def run_module(name: str, target: Target, max_mutants: int | None = None) -> Report:
+def _outcome(pid: int, started: float, timeout: float, wait: bool = False) -> str | None:
+    """'killed' (a test failed), 'survived', 'timeout' (killed as hung), or None while running."""
+    done, status = os.waitpid(pid, 0 if wait else os.WNOHANG)
+    if done:
+        return "survived" if os.waitstatus_to_exitcode(status) == 0 else "killed"
+    if time.monotonic() - started > timeout:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return "timeout"
+    return None
+
+
+def run_module(name: str, target: Target, max_mutants: int | None = None, jobs: int = 1) -> Report:
     source = (ROOT / target.path).read_text()
     lines = source.splitlines()
     tree = ast.parse(source)
@@ -430,34 +443,47 @@ def run_module(name: str, target: Target, max_mutants: int | None = None) -> Rep
     report = Report(name, target.path, list(target.tests))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"cbm-mutation-{name}-") as tmp:
-        copy_root = _copy_repo(Path(tmp) / "repo")
-        mutated_file = copy_root / target.path
+        copies = [_copy_repo(Path(tmp) / f"repo{j}") for j in range(jobs)]  # one per running mutant
         trace = str(Path(tmp) / ".coverage")
-        outcome, clean_seconds = _run_tests(copy_root, target.tests, 3600, trace=trace)
-        if outcome != "survived":
+        clean = time.monotonic()
+        if _outcome(_start(copies[0], target.tests, trace), clean, 3600, wait=True) != "survived":
             raise SystemExit(f"{name}: the tests fail without any mutant ({' '.join(target.tests)})")
+        timeout = max(TIMEOUT_FLOOR, TIMEOUT_FACTOR * (time.monotonic() - clean))
         import coverage
 
         data = coverage.CoverageData(basename=trace)
         data.read()
-        covered = set(data.lines(str(mutated_file)) or ())
-        timeout = max(TIMEOUT_FLOOR, TIMEOUT_FACTOR * clean_seconds)
-        mutants = []
+        covered = set(data.lines(str(copies[0] / target.path)) or ())
+        mutants, queue = [], []
         for index, (number, op, line, function, statement) in enumerate(sites):
             mutant_tree, change = _apply(tree, number, op)
             mutant = Mutant(index, line, function, change)
             mutants.append(mutant)
             if max_mutants is not None and len(mutants) > max_mutants:
                 mutant.status = "skipped"
-                continue
-            if statement not in covered:
+            elif statement not in covered:
                 mutant.status = "not covered"
-                continue
-            mutated_file.write_text(ast.unparse(mutant_tree))
-            mutant.status, mutant.seconds = _run_tests(copy_root, target.tests, timeout)
-            print(f"{name} #{index}/{len(sites)} line {line} {function}: {change} -> {mutant.status}"
-                  f" ({mutant.seconds:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
-        mutated_file.write_text(source)
+            else:
+                queue.append((mutant, ast.unparse(mutant_tree)))
+        running: dict[int, tuple[Mutant, int, float]] = {}  # copy slot -> (mutant, pid, start)
+        while queue or running:
+            for slot in range(jobs):
+                if slot not in running and queue:
+                    mutant, text = queue.pop(0)
+                    (copies[slot] / target.path).write_text(text)
+                    running[slot] = (mutant, _start(copies[slot], target.tests), time.monotonic())
+            for slot, (mutant, pid, begun) in list(running.items()):
+                status = _outcome(pid, begun, timeout)
+                if status is not None:
+                    mutant.status, mutant.seconds = status, time.monotonic() - begun
+                    del running[slot]
+                    where = f"{name} #{mutant.index}/{len(sites)} line {mutant.line} {mutant.function}"
+                    print(
+                        f"{where}: {mutant.change} -> {status} ({mutant.seconds:.1f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            time.sleep(0.05)
     counted = [m for m in mutants if m.status != "skipped"]
     report.mutants = len(counted)
     report.killed = sum(m.status in ("killed", "timeout") for m in counted)
@@ -485,6 +511,7 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--max-mutants", type=int, help="stop after this many (a quick look)")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (each in its own copy)")
     args = parser.parse_args()
     names = args.module or sorted(MODULES)
     if args.list:
@@ -498,7 +525,7 @@ def main() -> None:
     for module in PRELOAD:  # once, in the parent: every forked child shares them
         with contextlib.suppress(ImportError):
             __import__(module)
-    reports = {name: asdict(run_module(name, MODULES[name], args.max_mutants)) for name in names}
+    reports = {name: asdict(run_module(name, MODULES[name], args.max_mutants, args.jobs)) for name in names}
     text = json.dumps(reports, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

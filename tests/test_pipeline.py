@@ -24,7 +24,9 @@ def test_demo_run_gives_every_parcel_a_verdict_and_writes_all_outputs(demo_confi
     out = demo_config.parent / "out"
     parcels = gpd.read_file(out / "verdicts.gpkg", layer="verdicts")
     assert sorted(parcels["pid"]) == list(range(1, 19))
-    assert set(parcels["light"]) <= {"green", "yellow", "red"}
+    # docs/data.md: two clear S2 dates (04-05, 04-15; 04-30 is thin cirrus): too few to judge a drop
+    assert (parcels["light"] == "yellow").all()
+    assert parcels["reasons"].str.contains(r"insufficient evidence: [12] valid Sentinel-2 observation").all()
     assert parcels.crs.to_epsg() == 32631
     table = pd.read_csv(out / "verdicts.csv")
     assert (table["reasons"].str.len() > 0).all()
@@ -55,7 +57,9 @@ def test_rerun_skips_stored_scenes_and_duplicates_nothing(demo_config):
     )
 
 
-def test_reference_extractor_matches_rasterstats_exactly_on_real_scenes(demo_dir):
+def test_reference_extractor_matches_rasterstats_on_real_scenes(demo_dir):
+    """To float32 precision (rel 1e-6); the production extractor is compared bit for bit in
+    tests/test_mutants_zonal.py."""
     parcels = cbm.read_parcels(demo_dir / "parcels.gpkg")
     catalogue = cbm.read_catalogue(demo_dir / "scenes.csv")
     signatures = cbm.extract(parcels, catalogue, bands={"s2": ["B04", "B11"], "bs": ["VV"]})
