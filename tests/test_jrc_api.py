@@ -209,6 +209,10 @@ def test_chips_for_a_season_and_jrc_scene_references(jrc):
     }
     radar = client.post("/query/rawS1ChipsBatch", json=s1, auth=ANN).json()
     assert set(radar["bands"]) == {"VV", "VH"} and set(radar["cards"]) == {"bs"} and len(radar["dates"]) == 6
+    s1_safe = "S1A_IW_GRDH_1SDV_20230405T054012_20230405T054037_047949_05C2F4_9A1B.SAFE"
+    by_reference = client.post("/query/rawChipsBatch", json={**batch, "tiles": [s1_safe], "bands": ["VV"]},
+                               auth=ANN).json()  # fmt: skip
+    assert by_reference["obsids"] == ["S1A_IW_GRDH_20230405"]
     assert (
         client.post("/query/rawS1ChipsBatch", json={**s1, "aoi": "fl", "year": 2023}, auth=BOB).status_code
         == 403
