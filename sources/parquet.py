@@ -27,6 +27,7 @@ from cbm_core.model import HIST_COLUMNS, STATS, Signatures, empty_scl, empty_sig
 CBM_OPTIONS = frozenset({"path"})  # the [store] options it reads
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+READABLE_CHARS = 120  # Sentinel product ids are ~65 characters; the catalogue allows 120
 STATS_SCHEMA = pa.schema(
     [("pid", pa.int64()), ("obsid", pa.string()), ("band", pa.string()), ("count", pa.int64())]
     + [(s, pa.float64()) for s in STATS if s != "count"]
@@ -71,8 +72,11 @@ def cbm_store_obsids(config: PluginConfig) -> set[str]:
 
 
 def scene_file(obsid: str) -> str:
-    """A file name for a scene that is safe on every file system and still readable."""
-    return f"{SAFE_NAME.sub('_', obsid)}-{hashlib.sha1(obsid.encode()).hexdigest()[:8]}.parquet"
+    """A file name for a scene that is safe on every file system and still readable: at most
+    READABLE_CHARS of the obsid (names stay under the usual 255-byte limit with the temporary
+    prefix and suffix), then a hash of the whole obsid that keeps distinct scenes apart."""
+    readable = SAFE_NAME.sub("_", obsid)[:READABLE_CHARS]
+    return f"{readable}-{hashlib.sha1(obsid.encode()).hexdigest()[:8]}.parquet"
 
 
 def _write_atomic(frame: pd.DataFrame, schema: pa.Schema, target: Path, obsid: str) -> None:

@@ -216,3 +216,16 @@ def test_no_event_is_red_or_green_only_on_enough_valid_observations(engine):
     assert light(engine, [unknown]) == "yellow"
     assert light(engine, [unknown], markers={"mowing": {"min_valid": 0}}) == "red"  # the marker's own gate
     assert light(engine, [ok("mowing", 1, cut(), seen=1)]) == "green"  # an event needs no count
+
+
+def test_the_rule_declares_the_options_it_reads():
+    """A scheme's [rule] table may hold `markers` and `red_if_any_fails`, nothing else. Planted
+    bug: either name dropped from CBM_OPTIONS (every scheme using it refused)."""
+    from cbm_core.errors import ConfigError
+
+    plugins = load_plugins(entry_points=False)
+    plugins.check_options(
+        PluginConfig("traffic_light", {"markers": {}, "red_if_any_fails": True}, where="[rule]")
+    )
+    with pytest.raises(ConfigError, match="red_if_any_fail"):
+        plugins.check_options(PluginConfig("traffic_light", {"red_if_any_fail": True}, where="[rule]"))

@@ -122,3 +122,26 @@ def test_a_failed_write_leaves_no_partial_scene_and_names_the_folder(cfg, tmp_pa
     with pytest.raises(InputError, match=f"cannot write signatures to {root / 'stats'}"):
         store.cbm_store_write(cfg, signatures(["S2_a"], range(1, 3)), ["S2_a"])
     assert sorted(p.name for p in (root / "stats").iterdir()) == [target.name]
+
+
+def test_a_very_long_scene_id_is_stored_under_a_bounded_file_name(cfg):
+    """A 400-character obsid: the file name keeps 120 readable characters and the hash. Bug found
+    by this test (fixed): the name exceeded the 255-byte limit and the write failed with a raw
+    OSError from the clean-up of a temporary file that never existed."""
+    obsid = "S2" * 200
+    store.cbm_store_write(cfg, signatures([obsid], range(1, 3)), [obsid])
+    assert store.cbm_store_obsids(cfg) == {obsid}
+    assert len(store.scene_file(obsid)) == 120 + 1 + 8 + len(".parquet")
+    assert store.scene_file(obsid) != store.scene_file(obsid + "x")
+    assert len(store.cbm_store_read(cfg, None, [obsid], None).stats) == 4
+
+
+def test_the_plugin_declares_the_option_it_reads():
+    """Planted bug: CBM_OPTIONS {"path"} misspelt (every store configuration refused)."""
+    from cbm_core.errors import ConfigError
+    from cbm_core.plugins import load_plugins
+
+    plugins = load_plugins(entry_points=False)
+    plugins.check_options(PluginConfig("parquet", {"path": "x"}, where="[store]"))
+    with pytest.raises(ConfigError, match="pathh"):
+        plugins.check_options(PluginConfig("parquet", {"pathh": "x"}, where="[store]"))
