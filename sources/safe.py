@@ -39,6 +39,7 @@ import posixpath
 import re
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ SKIPPED_IMAGES = ("TCI",)  # true-colour previews are not measurements
 # GDAL's multi-threaded JPEG2000 decoding logs a corrupt code-stream but returns the pixels as
 # read (zeros): one decoding thread per read makes it fail instead. Scenes give the parallelism.
 JP2_DECODE = {"GDAL_NUM_THREADS": "1"}
+METADATA_THREADS = 8  # products whose metadata is read at once (S3 round trips overlap)
 WORLD = shapely.box(-180.0, -90.0, 180.0, 90.0)
 
 
@@ -181,7 +183,7 @@ class S3Product(Product):
     config: PluginConfig
     bucket: str
     prefix: str  # ".../<name>.SAFE/"
-    keys: set[str]
+    _keys: set[str] | None = None  # listed on first use, in the thread that reads this product
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -191,7 +193,9 @@ class S3Product(Product):
         return s3.get_object(self.config, self.bucket, self.prefix + relative)
 
     def exists(self, relative: str) -> bool:
-        return self.prefix + relative in self.keys
+        if self._keys is None:
+            self._keys = set(s3.list_keys(self.config, self.bucket, self.prefix))
+        return self.prefix + relative in self._keys
 
     def gdal_path(self, relative: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{relative}"
@@ -348,7 +352,7 @@ def _s3_products(config: PluginConfig, root: str, selection: Selection) -> Itera
             yield _open_zip(f"s3://{bucket}/{key}", lambda key=key: S3Object(config, bucket, key))
         else:
             folder = key.rstrip("/") + "/"
-            yield S3Product(config, bucket, folder, set(s3.list_keys(config, bucket, folder)))
+            yield S3Product(config, bucket, folder)
 
 
 def _children(config: PluginConfig, bucket: str, prefix: str) -> Iterator[str]:
@@ -562,14 +566,17 @@ def cbm_source_catalogue(config: PluginConfig) -> gpd.GeoDataFrame:
         if root.startswith("s3://")
         else _local_products(Path(root), selection)
     )
-    scenes = []
-    for product in found:
+
+    def record(product: Product) -> dict[str, Any] | None:
         try:
-            scene = _scene(product, selection)
+            return _scene(product, selection)
         except InputError as exc:
-            scene = _broken_scene(product, str(exc))
-        if scene is not None:
-            scenes.append(scene)
+            return _broken_scene(product, str(exc))
+
+    # Each product costs a listing and two small reads: on object storage that is latency, so
+    # several products are read at once.
+    with ThreadPoolExecutor(max_workers=METADATA_THREADS) as pool:
+        scenes = [scene for scene in pool.map(record, found) if scene is not None]
     return catalogue_frame(scenes)
 
 
