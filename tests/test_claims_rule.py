@@ -229,3 +229,53 @@ def test_the_rule_declares_the_options_it_reads():
     )
     with pytest.raises(ConfigError, match="red_if_any_fail"):
         plugins.check_options(PluginConfig("traffic_light", {"red_if_any_fail": True}, where="[rule]"))
+
+
+def test_evidence_details_in_reasons(engine):
+    """What the rule says about its evidence. Planted bugs: `row['reason'] or row['status']` ->
+    `row['reason']` (an empty reason said nothing); the marker's own reason dropped from "no
+    event"; `magnitude is not None` -> `is None` (a null magnitude broke the rule); `start !=
+    end` -> `==` (a span shown as one day)."""
+    silent = MarkerResult("mowing", 1, Status.NOT_VALID)
+    assert "NOT_VALID" in judge(engine, [silent]).loc[1, "reasons"]
+    told = MarkerResult("mowing", 1, Status.OK, reason="season too short", confidence=0.9,
+                        values={"valid_observations": 12, "window": WINDOW})  # fmt: skip
+    assert "mowing: no event; season too short" in judge(engine, [told]).loc[1, "reasons"]
+    span = Event(date(2023, 5, 8), date(2023, 5, 10), date(2023, 5, 12), float("nan"), 0.9, ("S2_a",), "mow")
+    reason = judge(engine, [ok("mowing", 1, span)]).loc[1, "reasons"]
+    assert "mow 2023-05-10 (2023-05-08 -> 2023-05-12; obs S2_a)" in reason
+    assert "nan" not in reason and "None" not in reason
+
+
+def test_events_resting_on_rejected_observations_are_ignored(engine):
+    """An event whose observations the validity policy rejected is no evidence. Planted bug: the
+    observations of events not checked against the rejected ones (`event.get('obsids') or []` ->
+    `[]`)."""
+    result = ok("mowing", 1, cut(obsids=("S2_a", "S2_c")))
+    result.rejected = (("S2_c", "SCL cloud 100% > 5%"),)
+    verdict = judge(engine, [result]).loc[1]
+    assert verdict["light"] == "red"
+    assert "event 2023-05-10 ignored: it rests on S2_c (SCL cloud 100% > 5%)" in verdict["reasons"]
+
+
+def test_a_failure_beside_a_marker_short_of_evidence_is_yellow(engine):
+    """ "Insufficient evidence" is undecided, like NOT_VALID. Planted bug: that outcome's label
+    misspelt (it no longer counted as unknown: the parcel turned red)."""
+    assert light(engine, [ok("mowing", 1), ok("bare_soil", 1, seen=2)]) == "yellow"
+
+
+def test_the_gap_limit_needs_the_marker_to_report_its_gap(engine):
+    """Planted bug: `gap is not None` dropped (a marker without max_gap_days broke the rule)."""
+    evidence = {"valid_observations": 9, "window": WINDOW}  # no max_gap_days
+    plain = MarkerResult("mowing", 1, Status.OK, confidence=0.9, values=evidence)
+    assert light(engine, [plain], markers={"mowing": {"max_gap_days": 10}}) == "red"
+
+
+def test_season_days_resolve_in_the_campaign_year(engine):
+    """ "MM-DD" bounds fall in the parcel's campaign year when the parcel table has one. Planted
+    bug: the campaign_year column name misspelt (the event's own year was used)."""
+    window = {"markers": {"mowing": {"season_start": "05-01", "season_end": "06-30"}}}
+    last_year = [ok("mowing", 1, cut(date(2022, 5, 10)))]
+    assert light(engine, last_year, **window) == "green"  # no campaign year: the event's year
+    parcels = sample_parcels(2).assign(campaign_year=[2023, None])
+    assert judge(engine, last_year, parcels, **window).loc[1, "light"] == "red"

@@ -305,7 +305,7 @@ def test_marker_partition_failure_is_recorded(client, tmp_path) -> None:
     assert set(results["status"]) == {"NOT_EXECUTED"}
     assert set(results["reason"]) == {f["reason"] for f in failed}
     assert list(verdicts["pid"]) == list(range(1, 19)) and set(verdicts["light"]) == {"yellow"}
-    assert all("NOT_EXECUTED" in reasons and "nosuchstore" in reasons for reasons in verdicts["reasons"])
+    assert all("nosuchstore" in reasons for reasons in verdicts["reasons"])  # the failure, named per parcel
 
 
 @pytest.mark.parametrize(
