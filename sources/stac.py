@@ -60,7 +60,7 @@ from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import CARDS, BandRef, RasterWindow
 from sources._archive import date_option, names_list, problem_band, raise_if_problem
-from sources._catalogue import card_of, catalogue_frame
+from sources._catalogue import catalogue_frame
 from sources._raster import read_window
 
 log = logging.getLogger("cbm.source.stac")
@@ -308,7 +308,7 @@ def _scene(item: dict[str, Any], profile: Profile, url: str) -> dict[str, Any] |
         if pd.Timestamp(when).tzinfo
         else pd.Timestamp(when, tz="UTC"),
         "sensor": str(props.get("platform") or props.get("constellation") or ""),
-        "card": profile.card or card_of(str(item.get("collection", "")), f"{url}: item {item_id}"),
+        "card": profile.card,
         "orbit": orbit,
         "bands": bands,
         "geometry": shapely.geometry.shape(item["geometry"]),
@@ -370,10 +370,13 @@ def cbm_source_read_window(
         options["GDAL_HTTP_HEADERS"] = f"Authorization: Bearer {token}"
     remote_s3 = href.startswith("s3://")
     path = s3.vsi_path(href) if remote_s3 else (f"/vsicurl/{href}" if href.startswith("http") else href)
+    if href.split("?", 1)[0].lower().endswith(".jp2"):
+        # GDAL's multi-threaded JPEG2000 path logs a corrupt code-stream but returns zeros
+        options["GDAL_NUM_THREADS"] = "1"
     try:
         with (
             s3.gdal_env(config) if remote_s3 else contextlib.nullcontext(),
-            rasterio.Env(GDAL_NUM_THREADS="1", GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", **options),
+            rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", **options),
         ):
             return read_window(BandRef(path, band.nodata, band.scale, band.offset), bounds, crs)
     except InputError as exc:
