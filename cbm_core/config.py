@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from cbm_core.errors import ConfigError
 from cbm_core.model import CARDS, VALIDITY_KEYS, ValidityPolicy
 
@@ -27,9 +30,14 @@ RUN_KEYS: dict[str, frozenset[str]] = {  # top level of a run configuration -> k
     "analyst": frozenset({"templates", "orthophoto", "meteo"}),
 }
 SCHEME_KEYS: dict[str, frozenset[str]] = {  # a scheme: a recipe file, or inline in a run configuration
-    "marker": frozenset({"plugin", "name"}),
+    # optional = true: a marker whose bands the data lack is not run (its parcels stay yellow,
+    # saying which band is missing) instead of refusing the whole configuration
+    "marker": frozenset({"plugin", "name", "optional"}),
     "rule": frozenset({"plugin"}),
     "validity": frozenset(VALIDITY_KEYS),  # the observation-validity policy (cbm_core.model.ValidityPolicy)
+    # the declared crops the scheme judges (codes and/or names); other declared parcels are "not
+    # applicable", parcels without a declared crop are always judged
+    "applies_to": frozenset({"crop_codes", "crop_names"}),
 }
 # Marker options that would give one marker its own idea of a clear observation: the scheme's
 # [validity] table is the one place for that.
@@ -130,7 +138,8 @@ class PluginConfig:
     def params(self) -> Params:
         """Options other than the plugin's name and label: a marker's or rule's parameters, which
         keep this table's base_dir for their path options (Params.path)."""
-        return Params({k: v for k, v in self.options.items() if k not in ("plugin", "name")}, self.base_dir)
+        engine_keys = ("plugin", "name", "optional")
+        return Params({k: v for k, v in self.options.items() if k not in engine_keys}, self.base_dir)
 
 
 def plugin_config(
@@ -174,10 +183,33 @@ class Scheme:
     markers: tuple[PluginConfig, ...]
     rule: PluginConfig
     validity: ValidityPolicy = field(default_factory=ValidityPolicy)
+    crop_codes: frozenset[str] = frozenset()  # [applies_to]: empty codes and names = every parcel
+    crop_names: frozenset[str] = frozenset()  # (case-insensitive)
+    skipped: Mapping[str, str] = field(default_factory=dict)  # optional markers not run: name -> why
 
     @property
     def marker_names(self) -> list[str]:
         return [marker_name(m) for m in self.markers]
+
+    @property
+    def scope(self) -> str:
+        """The declared crops the scheme judges, in words."""
+        named = [*sorted(self.crop_codes), *sorted(self.crop_names)]
+        return ", ".join(named) if named else "every crop"
+
+    def applicable(self, parcels: pd.DataFrame) -> np.ndarray:
+        """Which parcels (a frame with crop_code, crop_name) the scheme judges: a bool array.
+
+        A parcel whose declared crop code or name is listed in [applies_to] is judged, and so is a
+        parcel with no declared crop at all (signatures scored without declarations).
+        """
+        n = len(parcels)
+        if not self.crop_codes and not self.crop_names:
+            return np.ones(n, dtype=bool)
+        codes = parcels["crop_code"].astype("string").fillna("").str.strip().to_numpy(object)
+        names = parcels["crop_name"].astype("string").fillna("").str.strip().str.casefold().to_numpy(object)
+        undeclared = (codes == "") & (names == "")
+        return undeclared | np.isin(codes, list(self.crop_codes)) | np.isin(names, list(self.crop_names))
 
     def params(self, config: PluginConfig) -> Params:
         """A marker's or the rule's parameters with the scheme's validity policy under "validity"."""
@@ -216,11 +248,31 @@ def parse_scheme(data: Mapping[str, Any], base_dir: Path, origin: str) -> Scheme
     if "rule" not in data:
         raise ConfigError(f"{origin}: no [rule] table: a scheme needs a decision rule")
     validity = ValidityPolicy.from_table(data.get("validity"), f"{origin} [validity]")
+    codes, names = parse_applies_to(data.get("applies_to", {}), f"{origin} [applies_to]")
     return Scheme(
         markers,
         plugin_config(data["rule"], f"{origin} [rule]", base_dir, keys=SCHEME_KEYS["rule"]),
         validity,
+        codes,
+        names,
     )
+
+
+def parse_applies_to(table: Any, where: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The crop codes and (case-folded) crop names of an [applies_to] table."""
+    applies = check_table(table, where)
+    check_keys(applies, SCHEME_KEYS["applies_to"], where)
+    crops = {}
+    for key in ("crop_codes", "crop_names"):
+        listed = applies.get(key, [])
+        if not isinstance(listed, list) or not all(
+            isinstance(c, str | int) and str(c).strip() for c in listed
+        ):
+            raise ConfigError(f"{where}: '{key}' must list crop codes or names, got {listed!r}")
+        crops[key] = frozenset(
+            str(c).strip() if key == "crop_codes" else str(c).strip().casefold() for c in listed
+        )
+    return crops["crop_codes"], crops["crop_names"]
 
 
 def load_scheme(path: Path) -> Scheme:
@@ -292,6 +344,7 @@ class RunConfig:
     scheme_ref: str | None  # a recipe name or file given as `scheme = ...`
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     analyst: PluginConfig = field(default_factory=lambda: PluginConfig("analyst", where="[analyst]"))
+    applies_to: tuple[frozenset[str], frozenset[str]] | None = None  # [applies_to] beside a recipe
 
     @property
     def base_dir(self) -> Path:
@@ -331,11 +384,17 @@ def load_run_config(path: Path) -> RunConfig:
     if scheme_ref is not None and (not isinstance(scheme_ref, str) or not scheme_ref):
         raise ConfigError(f"{path}: scheme must be a recipe name or a file, got {scheme_ref!r}")
     scheme = None if scheme_ref is not None else parse_scheme(data, base, str(path))
+    # with a recipe, the dataset says which of its declared crops the recipe judges
+    applies_to = (
+        parse_applies_to(data["applies_to"], f"{path} [applies_to]")
+        if scheme_ref is not None and "applies_to" in data
+        else None
+    )
     cluster = parse_cluster(data.get("cluster", {}), f"{path} [cluster]")
     analyst_table = check_table(data.get("analyst", {}), f"{path} [analyst]")
     check_keys(analyst_table, RUN_KEYS["analyst"], f"{path} [analyst]")
     analyst = PluginConfig("analyst", dict(analyst_table), base, f"{path} [analyst]")
-    return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref, cluster, analyst)
+    return RunConfig(path, out_dir, source, store, extract, scheme, scheme_ref, cluster, analyst, applies_to)
 
 
 def check_job(job: PluginConfig) -> None:

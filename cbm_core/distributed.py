@@ -89,7 +89,7 @@ def run_distributed(
     """Engine.run on a cluster: a ClusterConfig (address or local workers) or a connected Client."""
     started = time.perf_counter()
     options = cluster if isinstance(cluster, ClusterConfig) else config.cluster
-    scheme = config.scheme or engine.scheme(str(config.scheme_ref), config.base_dir)
+    scheme = engine.run_scheme(config)
     engine.check(config, scheme)
     spec = plugin_spec(engine)
     parcels = engine.parcels(config.source)

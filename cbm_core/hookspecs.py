@@ -148,6 +148,11 @@ def cbm_store_release(config: PluginConfig, obsids: Sequence[str], worker: str, 
 
 
 @hookspec(firstresult=True)
+def cbm_marker_requires(params: Mapping[str, Any]) -> Mapping[str, Sequence[str]]:
+    """Name the bands a marker needs per card, e.g. {"s2": ["B04", "B08"]} ("B04|NDVI": either one)."""
+
+
+@hookspec(firstresult=True)
 def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
     """Detect a practice in the time series of a batch of parcels: one result per parcel."""
 

@@ -75,6 +75,7 @@ class Light(StrEnum):
     GREEN = "green"  # declaration confirmed
     YELLOW = "yellow"  # inconclusive: needs a human look
     RED = "red"  # declaration rejected
+    NOT_APPLICABLE = "not_applicable"  # the scheme does not judge this declared crop: no light from it
 
 
 @dataclass(frozen=True)
@@ -425,6 +426,25 @@ def _json_date(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} {value!r} as JSON")
 
 
+EVENT_COLUMNS = ("pid", "marker", "kind", "start", "main", "end", "magnitude", "confidence", "obsids")
+
+
+def events_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """Every marker event as one row (EVENT_COLUMNS; dates as dates, obsids joined by ' '), from the
+    results table: what analysts filter and count without decoding JSON."""
+    rows = []
+    for pid, marker, text in zip(results["pid"], results["marker"], results["events"], strict=True):
+        for e in orjson.loads(text) if isinstance(text, str) and text != "[]" else []:
+            rows.append(
+                (int(pid), marker, e.get("kind") or "", e["start"], e["main"], e["end"],
+                 e.get("magnitude"), e.get("confidence"), " ".join(e.get("obsids") or []))
+            )  # fmt: skip
+    frame = pd.DataFrame(rows, columns=list(EVENT_COLUMNS))
+    for column in ("start", "main", "end"):
+        frame[column] = pd.to_datetime(frame[column]).dt.date
+    return frame.astype({"pid": "int64", "magnitude": "float64", "confidence": "float64"})
+
+
 def verdict_table(verdicts: Iterable[Verdict]) -> pd.DataFrame:
     """Verdicts as a plain table (pid, light, reasons as one text): cheap to send between processes."""
     return pd.DataFrame(
@@ -433,8 +453,11 @@ def verdict_table(verdicts: Iterable[Verdict]) -> pd.DataFrame:
 
 
 def verdicts_frame(table: pd.DataFrame, parcels: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """A verdict table joined to its parcels' declarations and geometry."""
-    declared = parcels[["pid", "crop_code", "crop_name", "geometry"]]
+    """A verdict table joined to its parcels' declarations (every declared column: pid,
+    parcel_code, crop code and name, campaign year, columns a source keeps) and geometry."""
+    declared = parcels[
+        [c for c in parcels.columns if (c != "issue" and c not in table.columns) or c == "pid"]
+    ]
     return gpd.GeoDataFrame(declared.merge(table, on="pid", how="inner"), crs=parcels.crs)
 
 

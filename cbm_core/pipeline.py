@@ -6,7 +6,8 @@ one plugin's failure on one scene or parcel from spoiling the rest, and records 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -192,17 +193,29 @@ class Engine:
     # Markers and rules -------------------------------------------------------------------------
 
     def run_markers(self, series: TimeSeries, scheme: Scheme, only: np.ndarray | None = None) -> pd.DataFrame:
-        """Every marker of the scheme over every parcel: exactly one result per marker and parcel.
+        """Every marker of the scheme over every parcel it applies to: one result per marker and parcel.
 
         A marker with a ``context_distance`` option (one comparing neighbours, like peers) gets
         spatially compact batches plus every parcel within that distance as context.
         only: the pids to score (default all); the other parcels of the series are only context.
+        Parcels declared with a crop outside the scheme's [applies_to] get no result (their
+        verdict is "not applicable"). Each batch is split by campaign year, given to markers as
+        params["campaign_year"], so "MM-DD" season windows fall in each parcel's own year.
         """
+        applicable = scheme.applicable(series.parcels)
+        if not applicable.all():
+            kept = series.parcels["pid"].to_numpy()[applicable]
+            only = kept if only is None else np.intersect1d(only, kept)
         results: list[MarkerResult] = []
         own = series if only is None else series.subset(only)
         for config in scheme.markers:
             call = self.plugins.caller(config.plugin, "cbm_marker_run", config.where)
             name = marker_name(config)
+            if name in scheme.skipped:  # an optional marker whose bands the data lack
+                reason = f"not run: {scheme.skipped[name]}"
+                pids = own.parcels["pid"].to_numpy(np.int64)
+                results.extend(MarkerResult(name, int(p), Status.NOT_EXECUTED, reason) for p in pids)
+                continue
             context = context_distance(config)
             if context > 0:
                 batches = [
@@ -215,7 +228,15 @@ class Engine:
             for batch, core in tqdm(
                 batches, desc=f"marker {name}", unit="batch", disable=self._progress_disabled
             ):
-                results.extend(_run_isolated(call, name, batch, scheme.params(config), core))
+                for year, pids in campaign_years(batch, core).items():
+                    params = scheme.params(config)
+                    if year is not None:
+                        params["campaign_year"] = year
+                    part = batch if core is None and len(pids) == len(batch.parcels) else None
+                    if context > 0:
+                        results.extend(_run_isolated(call, name, batch, params, pids))
+                    else:
+                        results.extend(_run_isolated(call, name, part or batch.subset(pids), params))
         return results_frame(results)
 
     def decide(self, results: pd.DataFrame, parcels: gpd.GeoDataFrame, scheme: Scheme) -> gpd.GeoDataFrame:
@@ -230,6 +251,9 @@ class Engine:
         """
         rule = scheme.rule
         call = self.plugins.caller(rule.plugin, "cbm_rule_decide", rule.where)
+        applicable = scheme.applicable(parcels)
+        outside = parcels[~applicable]
+        parcels = parcels[applicable]
         pids = parcels["pid"].to_numpy()
         params = scheme.params(rule)
 
@@ -248,7 +272,27 @@ class Engine:
         decided = {v.pid for v in verdicts}
         missing = [int(p) for p in parcels["pid"] if int(p) not in decided]
         verdicts.extend(Verdict(p, Light.YELLOW, [f"rule {rule.plugin} gave no verdict"]) for p in missing)
+        for pid, code, name in zip(outside["pid"], outside["crop_code"], outside["crop_name"], strict=True):
+            declared = " ".join(str(v) for v in (code, name) if pd.notna(v) and str(v).strip())
+            reason = f"not applicable: the scheme judges {scheme.scope}; declared {declared}"
+            verdicts.append(Verdict(int(pid), Light.NOT_APPLICABLE, [reason]))
         return verdict_table(verdicts)
+
+    def run_scheme(self, config: RunConfig) -> Scheme:
+        """The scheme of a run configuration: its inline tables, or the recipe it names with the
+        dataset's own [applies_to] crops when it gives them."""
+        scheme = config.scheme or self.scheme(str(config.scheme_ref), config.base_dir)
+        if config.applies_to is not None:
+            scheme = replace(scheme, crop_codes=config.applies_to[0], crop_names=config.applies_to[1])
+        if config.extract:  # the bands the run extracts: a marker needing another is refused now
+            available: dict[str, set[str]] = {}
+            for job in config.extract:
+                available.setdefault(str(job.get("card")), set()).update(map(str, job.get("bands") or []))
+            self.check(config, scheme)  # plugins and their options first: a typo is named as such
+            scheme = replace(
+                scheme, skipped=self.missing_bands(scheme, available, "the run's [[extract]] tables")
+            )
+        return scheme
 
     def scheme(self, ref: str, base_dir: Path) -> Scheme:
         """A scheme from a recipe name (shipped by a plugin) or a TOML file path."""
@@ -268,12 +312,48 @@ class Engine:
         return scheme
 
     def check_scheme(self, scheme: Scheme) -> None:
-        """Fail fast on a missing or wrong-kind marker or rule plugin, or an option it does not know."""
+        """Fail fast on a missing or wrong-kind marker or rule plugin, an option it does not know, or
+        a season window that ends before it starts."""
         for marker in scheme.markers:
             self.plugins.caller(marker.plugin, "cbm_marker_run", marker.where)
             self.plugins.check_options(marker)
+            for first, last in (("season_start", "season_end"), ("period_start", "period_end")):
+                _check_window(marker.get(first), marker.get(last), f"{marker.where}: {first}/{last}")
+        for name, rule in (scheme.rule.get("markers") or {}).items():
+            if isinstance(rule, Mapping):
+                where = f"{scheme.rule.where}: markers.{name} season_start/season_end"
+                _check_window(rule.get("season_start"), rule.get("season_end"), where)
         self.plugins.caller(scheme.rule.plugin, "cbm_rule_decide", scheme.rule.where)
         self.plugins.check_options(scheme.rule)
+
+    def missing_bands(
+        self, scheme: Scheme, available: Mapping[str, Collection[str]], what: str
+    ) -> dict[str, str]:
+        """Check every marker's bands (cbm_marker_requires) against the bands a run has per card.
+
+        A marker needing a band that is not there is refused (ConfigError naming marker and band);
+        an ``optional = true`` marker is skipped instead: returns {marker name: why it is not run}.
+        """
+        skipped: dict[str, str] = {}
+        for marker in scheme.markers:
+            info = self.plugins.infos.get(marker.plugin)
+            if info is None or "cbm_marker_requires" not in info.hooks:
+                continue  # a plugin that declares nothing is trusted to say NOT_VALID itself
+            call = self.plugins.caller(marker.plugin, "cbm_marker_requires", marker.where)
+            needs = call(params=scheme.params(marker)) or {}
+            for card, bands in needs.items():
+                have = set(available.get(card, ()))
+                for need in bands:
+                    if any(alt in have for alt in str(need).split("|")):
+                        continue
+                    name = marker_name(marker)
+                    text = " or ".join(str(need).split("|"))
+                    listed = ", ".join(sorted(have)) or "none"
+                    why = f"marker '{name}' needs {card} band {text}, which {what} lack(s) (it has: {listed})"
+                    if not marker.get("optional", False):
+                        raise ConfigError(f"{marker.where}: {why}")
+                    skipped.setdefault(name, why)
+        return skipped
 
     def check_bands(self, catalogue: gpd.GeoDataFrame, jobs: Sequence[PluginConfig]) -> None:
         """Refuse a band that no scene of the job's card has: it would silently yield no rows."""
@@ -317,6 +397,42 @@ class Engine:
     def progress_disabled(self) -> bool | None:
         """tqdm's ``disable``: None shows bars on terminals only, True hides them."""
         return self._progress_disabled
+
+
+def _check_window(first: Any, last: Any, where: str) -> None:
+    """Refuse a season window ('MM-DD' or full dates) that ends before it starts."""
+    if not first or not last:
+        return
+    a, b = str(first), str(last)
+    if len(a) != len(b):
+        return  # "MM-DD" against a full date: resolved per campaign year, checked by the marker
+    if b < a:  # ISO dates and MM-DD compare as text
+        raise ConfigError(f"{where}: the window ends ({b}) before it starts ({a})")
+
+
+def campaign_years(batch: TimeSeries, core: np.ndarray | None = None) -> dict[int | None, np.ndarray]:
+    """The pids of a batch (or of its core) by campaign year.
+
+    The year is the parcel's declared ``campaign_year`` where the parcels carry one; else the
+    year of the middle of the parcel's own observations (so a batch mixing two seasons is not
+    judged on one window); None for a parcel without declaration nor observation.
+    """
+    pids = batch.parcels["pid"].to_numpy(np.int64) if core is None else np.asarray(core, np.int64)
+    years = pd.Series(np.nan, index=pids)
+    if "campaign_year" in batch.parcels:
+        declared = pd.to_numeric(batch.parcels.set_index("pid")["campaign_year"], errors="coerce")
+        years = declared.reindex(pids)
+    unknown = years.index[years.isna()]
+    if len(unknown) and len(batch.stats):
+        stats = batch.stats[batch.stats["pid"].isin(unknown)]
+        times = pd.to_datetime(stats["obstime"], utc=True)
+        span = times.groupby(stats["pid"].to_numpy()).agg(["min", "max"])
+        middle = (span["min"] + (span["max"] - span["min"]) / 2).dt.year
+        years = years.fillna(middle.reindex(years.index).astype(float))
+    groups: dict[int | None, np.ndarray] = {}
+    for year, chosen in years.groupby(years.fillna(-1).to_numpy()).groups.items():
+        groups[None if year == -1 else int(year)] = np.asarray(chosen, dtype=np.int64)
+    return groups
 
 
 def _isolating(

@@ -7,6 +7,7 @@ Both strategies drive the engine through its public methods and write the same o
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ def run(
     run on them is refused naming the holder, or with wait queues behind it.
     """
     cluster = config.cluster if cluster is None else cluster
-    scheme = config.scheme or engine.scheme(str(config.scheme_ref), config.base_dir)
+    scheme = engine.run_scheme(config)
     engine.check(config, scheme)  # a mistake in the configuration is refused before any folder is made
     with folder_locks(run_folders(config), wait=wait):
         if not isinstance(cluster, ClusterConfig) or cluster.enabled:
@@ -54,7 +55,7 @@ def run_folders(config: RunConfig) -> list[tuple[Path, str]]:
 def run_local(engine: Engine, config: RunConfig, force: bool = False) -> RunResult:
     """Extract what is missing, score every parcel, decide, and write the outputs, in this process."""
     started = time.perf_counter()
-    scheme = config.scheme or engine.scheme(str(config.scheme_ref), config.base_dir)
+    scheme = engine.run_scheme(config)
     engine.check(config, scheme)
     parcels = engine.parcels(config.source)
     catalogue = engine.catalogue(config.source)
@@ -84,6 +85,11 @@ def score(
     Returns (marker results, verdicts); with ``out_dir`` also writes the outputs of `cbm run`,
     holding the folder's lock as a run does.
     """
+    bands: dict[str, set[str]] = {}  # a marker needing a band the signatures lack is refused now
+    pairs = series.stats[["card", "band"]].drop_duplicates() if len(series.stats) else None
+    for card, band in pairs.itertuples(index=False) if pairs is not None else []:
+        bands.setdefault(str(card), set()).add(str(band))
+    scheme = replace(scheme, skipped=engine.missing_bands(scheme, bands, f"the signatures {origin}".strip()))
     if out_dir is None:
         return _score(engine, series, scheme, None, origin)
     with folder_lock(Path(out_dir), wait=wait):
@@ -94,6 +100,11 @@ def _score(
     engine: Engine, series: TimeSeries, scheme: Scheme, out_dir: Path | None, origin: str
 ) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
     started = time.perf_counter()
+    bands: dict[str, set[str]] = {}
+    pairs = series.stats[["card", "band"]].drop_duplicates() if len(series.stats) else []
+    for card, band in pairs.itertuples(index=False) if len(pairs) else []:
+        bands.setdefault(str(card), set()).add(str(band))
+    scheme = replace(scheme, skipped=engine.missing_bands(scheme, bands, f"the signatures {origin}".strip()))
     results = engine.run_markers(series, scheme)
     verdicts = engine.decide(results, series.parcels, scheme)
     if out_dir is not None:

@@ -97,8 +97,10 @@ def cbm_rule_decide(
 def _judge(row: Mapping[str, Any], rule: Mapping[str, Any], year: int | None = None) -> tuple[str, str]:
     """One marker's outcome for one parcel: ('pass'|'fail'|'unknown', reason naming the evidence)."""
     marker = row["marker"]
-    if row["status"] != Status.OK:
+    if row["status"] == Status.NOT_VALID:
         return "unknown", f"{marker}: insufficient evidence: {row['reason'] or row['status']}"
+    if row["status"] != Status.OK:  # the marker did not run on this parcel: nothing was judged
+        return "unknown", f"{marker}: {row['status']} ({row['reason']})"
     confidence = row["confidence"]
     if pd.notna(confidence) and confidence < rule["min_confidence"]:
         return "unknown", f"{marker}: confidence {confidence:.2f} below {rule['min_confidence']}"
@@ -115,7 +117,9 @@ def _judge(row: Mapping[str, Any], rule: Mapping[str, Any], year: int | None = N
         described = ", ".join(_describe(e) for e, _ in events)
         found = f"{marker}: {len(events)} event(s){window}: {described}"
     else:
-        found = f"{marker}: no event{window}" + (f"; {row['reason']}" if row.get("reason") else "")
+        found = f"{marker}: no event{window}{_evidence_text(values)}" + (
+            f"; {row['reason']}" if row.get("reason") else ""
+        )
     for event, bad in resting:  # an event on a rejected observation is no evidence, either way
         found += f"; event {event['main']} ignored: it rests on {bad[0]} ({rejected[bad[0]]})"
     if rule["expect"] == "event":
@@ -149,6 +153,15 @@ def _missing_evidence(values: Mapping[str, Any], rule: Mapping[str, Any]) -> str
             f"{float(gap):.0f} days without a valid observation in {window}; at most {float(most):g} allowed"
         )
     return ""
+
+
+def _evidence_text(values: Mapping[str, Any]) -> str:
+    """' in 33 valid observations 2018-03-16..2018-10-27 (longest gap 12 d)', or '' when not reported."""
+    n, window, gap = values.get("valid_observations"), values.get("window"), values.get("max_gap_days")
+    if n is None:
+        return ""
+    text = f" in {int(n)} valid observations" + (f" {window}" if window else "")
+    return text + (f" (longest gap {float(gap):.0f} d)" if gap is not None and gap == gap else "")
 
 
 def _describe(event: Mapping[str, Any]) -> str:

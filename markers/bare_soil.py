@@ -38,6 +38,11 @@ BANDS = ("B02", "B04", "B08", "B11")
 
 
 @impl
+def cbm_marker_requires(params: Mapping[str, Any]) -> Mapping[str, list[str]]:
+    return {"s2": list(BANDS)}
+
+
+@impl
 def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
     return run(series, params)
 

@@ -144,6 +144,11 @@ def kernel_params(p: Mapping[str, Any]) -> KernelParams:
 
 
 @impl
+def cbm_marker_requires(params: Mapping[str, Any]) -> Mapping[str, list[str]]:
+    return {"s2": ["B04|NDVI", "B08|NDVI"]}  # NDVI from B04/B08, else an NDVI band; S1 optional
+
+
+@impl
 def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
     return run(series, params)
 

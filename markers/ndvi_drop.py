@@ -31,6 +31,11 @@ CBM_OPTIONS = frozenset(DEFAULTS)
 
 
 @impl
+def cbm_marker_requires(params: Mapping[str, Any]) -> Mapping[str, list[str]]:
+    return {"s2": ["B04", "B08"]}
+
+
+@impl
 def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
     return run(series, params)
 

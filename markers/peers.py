@@ -38,6 +38,11 @@ CBM_OPTIONS = frozenset(DEFAULTS) | {"context_distance"}
 
 
 @impl
+def cbm_marker_requires(params: Mapping[str, Any]) -> Mapping[str, list[str]]:
+    return {"s2": ["B04", "B08"]}
+
+
+@impl
 def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[MarkerResult]:
     problem = context_problem(params)
     if problem:  # the engine's call: warn about a scheme whose batches cut neighbourhoods
@@ -146,7 +151,7 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
         if n_peers[k] < int(p["min_peers"]):
             reason = (
                 f"{int(n_peers[k])} parcel(s) declared {crop[k]} within {p['distance']:g} m with enough "
-                f"clear observations, {p['min_peers']} needed"
+                f"valid observations, {p['min_peers']} needed"
             )
             out.append(MarkerResult(name, pid, Status.NOT_VALID, reason, values=values, confidence=0.0))
             continue

@@ -42,11 +42,18 @@ def scenes_from_band_rows(
     footprint: Callable[[dict[str, BandRef]], shapely.Geometry],
 ) -> list[dict[str, Any]]:
     """One catalogue record per scene from rows of product_id/obsid, obstime, band, path (+ optional
-    card, collection, sensor, orbit_direction/orbit, nodata, scale, offset, footprint WKT)."""
+    card, collection, sensor, orbit_direction/orbit, relative_orbit, nodata, scale, offset, footprint
+    WKT). The orbit label is the direction, the relative orbit number, or both ("ASC_161")."""
     rename = {"product_id": "obsid", "orbit_direction": "orbit"}
     rows = rows.rename(
         columns={k: v for k, v in rename.items() if k in rows.columns and v not in rows.columns}
     )
+    if "relative_orbit" in rows.columns:  # keep the track number: one S1 geometry per relative orbit
+        number = rows["relative_orbit"].fillna("").astype(str).str.strip()
+        if "orbit" in rows.columns:
+            direction = rows["orbit"].fillna("").astype(str).str.strip()
+            number = direction.where(number == "", direction.where(direction == "", direction + "_") + number)
+        rows = rows.assign(orbit=number)
     missing = [c for c in REQUIRED if c not in rows.columns]
     if missing:
         raise InputError(f"{where}: missing column(s) {', '.join(missing)}; found {', '.join(rows.columns)}")

@@ -8,6 +8,7 @@ CSV); optional columns: card, orbit_direction (or orbit), nodata, scale, offset,
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import geopandas as gpd
@@ -27,6 +28,7 @@ from sources._raster import raster_footprint, read_window
 # The [source] options it reads (anything else is refused as a likely typo).
 CBM_OPTIONS = frozenset(
     {"parcels", "layer", "pid_column", "crop_code_column", "crop_name_column", "parcel_code_column", "scenes"}
+    | {"keep_columns", "campaign_year", "campaign_year_column"}
 )
 
 PARCEL_SUFFIXES = {".gpkg", ".parquet", ".geoparquet", ".shp", ".geojson", ".json", ".fgb"}
@@ -44,6 +46,9 @@ def cbm_source_parcels(
         crop_name_column=config.get("crop_name_column"),
         bbox=bbox,
         parcel_code_column=config.get("parcel_code_column"),
+        keep_columns=config.get("keep_columns", ()),
+        campaign_year=config.get("campaign_year"),
+        campaign_year_column=config.get("campaign_year_column"),
     )
 
 
@@ -67,11 +72,18 @@ def read_parcel_file(
     crop_name_column: str | None = None,
     bbox: tuple[float, float, float, float] | None = None,
     parcel_code_column: str | None = None,
+    keep_columns: Sequence[str] = (),
+    campaign_year: int | None = None,
+    campaign_year_column: str | None = None,
 ) -> gpd.GeoDataFrame:
     """Read a parcel file and map its columns onto the parcel model (pid, crop_code, crop_name).
 
     With parcel_code_column, the member state's own (often alphanumeric) parcel id is kept as an
     extra text column ``parcel_code`` (the REST API answers with it as the JRC text pid).
+
+    keep_columns: further declared columns carried into verdicts and reports as they are.
+    campaign_year (one year for the whole file) or campaign_year_column (a year per parcel) sets the
+    ``campaign_year`` column, the year every "MM-DD" season window of a scheme falls in.
 
     With bbox (EPSG:4326), only the parcels whose extent meets it are kept (read through the file's
     spatial index; a GeoParquet file without a bbox column is read whole, then filtered).
@@ -92,7 +104,10 @@ def read_parcel_file(
     except Exception as exc:  # pyogrio/pyarrow raise many types for unreadable files
         raise InputError(f"{path}: cannot read parcels ({exc})") from None
     columns = {"pid": pid_column, "crop_code": crop_code_column, "crop_name": crop_name_column,
-               "parcel_code": parcel_code_column}  # fmt: skip
+               "parcel_code": parcel_code_column, "campaign_year": campaign_year_column}  # fmt: skip
+    if not isinstance(keep_columns, list | tuple) or not all(isinstance(c, str) for c in keep_columns):
+        raise InputError(f"{path}: keep_columns must list column names, got {keep_columns!r}")
+    columns |= {f"kept column {c}": c for c in keep_columns}
     for target, source in columns.items():
         if source is not None and source not in frame.columns:
             raise InputError(
@@ -112,6 +127,24 @@ def read_parcel_file(
     )
     if parcel_code_column is not None:
         parcels.insert(3, "parcel_code", frame[parcel_code_column].astype("string").to_numpy())
+    if campaign_year is not None and campaign_year_column is not None:
+        raise InputError(f"{path}: give campaign_year or campaign_year_column, not both")
+    if campaign_year is not None:
+        if isinstance(campaign_year, bool) or not isinstance(campaign_year, int):
+            raise InputError(f"{path}: campaign_year must be a year like 2019, got {campaign_year!r}")
+        parcels["campaign_year"] = campaign_year
+    elif campaign_year_column is not None:
+        years = pd.to_numeric(frame[campaign_year_column], errors="coerce")
+        bad = frame[campaign_year_column][years.isna() | (years % 1 != 0)]
+        if len(bad):
+            raise InputError(
+                f"{path}: column {campaign_year_column} must hold years; bad value {bad.iloc[0]!r}"
+            )
+        parcels["campaign_year"] = years.astype("int64").to_numpy()
+    for column in keep_columns:
+        if column in parcels.columns or column == "geometry":
+            raise InputError(f"{path}: keep_columns: '{column}' is already a parcel column")
+        parcels[column] = frame[column].to_numpy()
     return validate_parcels(parcels, str(path))
 
 

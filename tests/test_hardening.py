@@ -60,8 +60,8 @@ def test_unknown_source_option_names_the_plugin_and_its_valid_options(tmp_path, 
     line = error_line(invoke("run", str(config)))
     assert "[source] (plugin 'local'): unknown key 'parcel' (did you mean 'parcels'?)" in line
     assert (
-        "valid keys: crop_code_column, crop_name_column, layer, parcel_code_column, parcels, pid_column, "
-        "plugin, scenes" in line
+        "valid keys: campaign_year, campaign_year_column, crop_code_column, crop_name_column, keep_columns, "
+        "layer, parcel_code_column, parcels, pid_column, plugin, scenes" in line
     )
 
 
@@ -99,7 +99,9 @@ def test_unknown_card_and_band_are_refused_with_the_valid_ones(tmp_path):
     config = write_config(tmp_path, '[[extract]]\ncard = "s3"\nplugin = "zonal"\nbands = ["B04"]\n')
     line = error_line(invoke("run", str(config)))
     assert "[[extract]] #1: card 's3' is not a known card; valid cards: s2, bs, c6" in line
-    config = write_config(tmp_path, '[[extract]]\ncard = "s2"\nplugin = "zonal"\nbands = ["B04", "B99"]\n')
+    config = write_config(
+        tmp_path, '[[extract]]\ncard = "s2"\nplugin = "zonal"\nbands = ["B04", "B08", "B99"]\n'
+    )
     line = error_line(invoke("run", str(config)))
     assert (
         "[[extract]] #1: band 'B99' is in no s2 scene of the catalogue; "

@@ -99,7 +99,8 @@ def test_lights_rest_on_evidence_and_valid_observations():
     verdict = decide([nothing], rule)[0]
     assert verdict.light == "yellow"
     assert verdict.reasons[0] == (
-        "ndvi_drop: no event; largest NDVI drop 0.09 (2023-04-05 -> 2023-04-15) < 0.10; "
+        "ndvi_drop: no event in 3 valid observations 2023-04-01..2023-04-30 (longest gap 12 d); "
+        "largest NDVI drop 0.09 (2023-04-05 -> 2023-04-15) < 0.10; "
         "insufficient evidence: 3 valid observations in 2023-04-01..2023-04-30; 6 needed"
     )
     assert decide([MarkerResult("ndvi_drop", 1, Status.OK, values=SEEN)], rule)[0].light == "red"

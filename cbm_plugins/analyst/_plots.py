@@ -82,9 +82,7 @@ class FinishedRun:
     @property
     def policy(self) -> ValidityPolicy:
         """The run's observation-validity policy (its scheme's [validity] table): the one markers used."""
-        config = self.config
-        scheme = config.scheme or self.engine.scheme(str(config.scheme_ref), config.base_dir)
-        return scheme.validity
+        return self.engine.run_scheme(self.config).validity
 
     def used_by_marker(self, pid: int) -> dict[str, set[str]]:
         """Per marker, the observations it based its result on (its `obsids`)."""
