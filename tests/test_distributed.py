@@ -213,7 +213,7 @@ def test_local_workers_started_for_a_run_give_the_same_results(reference, tmp_pa
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ("nodes = 3", "unknown key .nodes."),
+        ("nodes = 3", "unknown key 'nodes'"),
         ('address = "tcp://x:1"\nworkers = 2', "either address"),
         ("workers = 0", "'workers' must be at least 1"),
         ('retries = "2"', "'retries' has the wrong type"),
