@@ -13,7 +13,8 @@ Quality by simulator profile (``--quality-parcels``, default 20 000 parcel-years
 mowing marker's event scores on grassland with S2 + coherence and with S2 + GRD backscatter only,
 on the original simulator ("default") and on the one calibrated on real series ("flanders", see
 bench/simulator.py), beside the naive rule (clear NDVI drop >= 0.1 from above 0.4, detections 15
-days apart) on the same series. The calibrated profile is harder; neither predicts field accuracy.
+days apart) on the same series (valid = the core validity policy's). Neither profile predicts field
+accuracy: no marker parameter is chosen on these runs.
 The crop-type marker's benchmark on real parcels is bench/worldcereal.py.
 """
 

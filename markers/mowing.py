@@ -239,7 +239,7 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
     used = slot[:-1][ev_parcel] + within  # compact the per-parcel slots
     n_all = np.stack([ts.obs_count(full, full_pos), ts.obs_count(s2, s2_pos)])  # all, valid (any date)
     with ts.no_gc():
-        results = _results(
+        return _results(
             name,
             p,
             lo,
@@ -258,23 +258,19 @@ def run(series: TimeSeries, params: Mapping[str, Any] | None = None) -> list[Mar
             n_all,
             _evidence(full, s2, pids, context, lo, hi),
         )
-    # the evidence the traffic-light rule weighs (docs/markers.md: valid_observations, window, max_gap_days)
-    window = f"{ts.to_date(lo)}..{ts.to_date(hi)}"
-    for result in results:
-        v = result.values
-        v["valid_observations"], v["window"], v["max_gap_days"] = v["n_clear_s2"], window, v["max_gap_s2"]
-    return results
 
 
 HAZE_REASON = "NDVI dip regained at the next valid observation (residual haze or shadow)"
 
 
-def _by_parcel(position: np.ndarray, items: np.ndarray, n: int) -> list[np.ndarray]:
+def _by_parcel(position: np.ndarray, items: np.ndarray, n: int) -> list[tuple]:
     """``items`` grouped by their parcel ``position`` (0..n-1; -1 dropped), in their original order."""
     keep = position >= 0
     position, items = position[keep], items[keep]
     order = np.argsort(position, kind="stable")
-    return np.split(items[order], np.searchsorted(position[order], np.arange(1, n)))
+    flat = items[order].tolist()
+    ends = np.cumsum(np.bincount(position, minlength=n)).tolist()
+    return [tuple(flat[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def _evidence(
@@ -297,12 +293,13 @@ def _evidence(
     labels = np.asarray(full.obs_names, dtype=object)[full.obs[bad]] if bad.any() else np.zeros(0, object)
     why = full.why[bad] if full.why is not None else np.full(int(bad.sum()), "", dtype=object)
     bad_by, why_by = _by_parcel(full_pos, labels, n), _by_parcel(full_pos, why, n)
-    used_names = [tuple(x.tolist()) for x in used_by]
     rejected = [
-        tuple(zip(b.tolist(), w.tolist(), strict=True)) + tuple((x, HAZE_REASON) for x in h.tolist())
+        tuple(zip(b, w, strict=True)) + tuple((x, HAZE_REASON) for x in h)
+        if h
+        else tuple(zip(b, w, strict=True))
         for b, w, h in zip(bad_by, why_by, hazy_by, strict=True)
     ]
-    return used_names, rejected
+    return used_by, rejected
 
 
 def _orbit_codes(panel: ts.Panel) -> np.ndarray:
@@ -697,6 +694,10 @@ def _results(
             "ndvi_noise": None if noise[k] != noise[k] else noise[k],
             "drop_threshold": thr[k],
             "greenup": green_date[k],
+            # the evidence the traffic-light rule weighs (docs/markers.md)
+            "valid_observations": ns2,
+            "window": window,
+            "max_gap_days": max_gap[k],
         }
         if ns2 < min_clear and nc6 < min_s1:
             if n_all[k] == 0 and nc6 == 0:
