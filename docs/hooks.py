@@ -40,7 +40,144 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     files.append(File.generated(config, "cli.md", content=cli_reference()))
     files.append(File.generated(config, "rest.md", content=rest_reference(schema)))
     files.append(File.generated(config, "openapi.json", content=json.dumps(schema, indent=2)))
+    with tempfile.TemporaryDirectory(prefix="cbm-docs-") as tmp:
+        for name, content in [*gallery(Path(tmp)), *notebook_page(Path(config.docs_dir), Path(tmp))]:
+            files.append(File.generated(config, name, content=content))
     return files
+
+
+# Gallery and notebook: real outputs of the demo, made when the site is built -------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "demo" / "flanders.toml"
+GALLERY_PARCEL = 4  # the demo parcel the gallery shows (a thin-cirrus 30 April after a clear 15th)
+
+
+def gallery(tmp: Path) -> list[tuple[str, str | bytes]]:
+    """gallery.md and its pictures, from a fresh run of the demo: parcel plot, peers, chip
+    calendar, a report page (the PDF's A4 page), and a workbench screenshot (headless Chromium;
+    left out, with a note, when Chromium is not installed)."""
+    import io
+    import shutil
+    import subprocess
+
+    import cbm_core as cbm
+    from cbm_plugins import analyst
+    from cbm_plugins.analyst import _report
+    from cbm_plugins.workbench._export import export
+
+    config = tmp / "flanders.toml"
+    text = DEMO_CONFIG.read_text(encoding="utf-8").replace(
+        '"flanders-2023/', f'"{DEMO_CONFIG.parent}/flanders-2023/'
+    )
+    config.write_text(text.replace('out = "out"', f'out = "{tmp / "out"}"'), encoding="utf-8")
+    cbm.run(config, progress=False)
+    done = analyst.open_run(config)
+    pid = GALLERY_PARCEL
+
+    def png(figure: Any, dpi: int = 80) -> bytes:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=dpi)
+        return buffer.getvalue()
+
+    pictures = {
+        "parcel.png": png(analyst.plot_parcel(done, pid)),
+        "peers.png": png(analyst.plot_peers(done, pid)),
+        "calendar.png": png(analyst.calendar(done, pid, max_chips=12)),
+        "report-page.png": png(_report._a4_page(_report._parcel_page(done, pid)), dpi=70),
+    }
+    items = [
+        (
+            "parcel.png",
+            f"`cbm plot demo/flanders.toml {pid}`: Sentinel-2 NDVI with valid and rejected observations "
+            "(the reason per group), rings on those a marker used, Sentinel-1 backscatter (dB), the verdict.",
+        ),
+        (
+            "peers.png",
+            f"`cbm plot demo/flanders.toml {pid} --peers`: against the parcels declared with the same crop.",
+        ),
+        (
+            "calendar.png",
+            f"`cbm chips demo/flanders.toml {pid} --out chips/`: calendar.png, the parcel centred in a "
+            "128 px chip with a 50 m buffer, a scale bar, dates a marker used framed, event dates named.",
+        ),
+        (
+            "report-page.png",
+            f"`cbm report demo/flanders.toml {pid} --out report/`: the parcel's A4 page (PDF and "
+            "printed HTML): declaration, verdict and reasons, location map, series, chips around each event.",
+        ),
+    ]
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser:
+        export(done, tmp / "workbench", chips="none")
+        shot = tmp / "workbench.png"
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1400,860",
+            "--virtual-time-budget=10000",
+            f"--screenshot={shot}",
+            f"--user-data-dir={tmp / 'profile'}",
+        ]
+        subprocess.run([browser, *flags, (tmp / "workbench" / "index.html").as_uri() + f"#pid={pid}"],
+                       capture_output=True, timeout=120)  # fmt: skip
+        if shot.is_file():
+            pictures["workbench.png"] = shot.read_bytes()
+            items.append(
+                (
+                    "workbench.png",
+                    f"`cbm workbench export demo/flanders.toml wb/` opened from disk on "
+                    f"`#pid={pid}`: parcels by light over Sentinel-2 false colour, the parcel's panel.",
+                )
+            )
+    lines = [
+        "# Gallery",
+        "",
+        "Real outputs of the bundled demo (`demo/flanders.toml`: 18 fields near Mol, April 2023), made",
+        "when this site was built, so they show what the code does today.",
+        "",
+    ]
+    for name, caption in items:
+        lines += [f"![{name}](gallery/{name})", "", caption, ""]
+    if "workbench.png" not in pictures:
+        lines += ["!!! note", "    The workbench screenshot needs Chromium (`apt-get install chromium`).", ""]
+    return [("gallery.md", "\n".join(lines)), *((f"gallery/{k}", v) for k, v in pictures.items())]
+
+
+def notebook_page(docs: Path, tmp: Path) -> list[tuple[str, str | bytes]]:
+    """notebooks/quickstart.ipynb executed and rendered as a page with its outputs (text, tables,
+    figures), so the site shows what the notebook prints."""
+    import base64
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    source = docs / "notebooks" / "quickstart.ipynb"
+    notebook = nbformat.read(source, as_version=4)
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(source.parent)}}
+    ).execute()
+    lines = ["<!-- rendered from notebooks/quickstart.ipynb when the site was built -->", ""]
+    images: list[tuple[str, bytes]] = []
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            lines += [cell.source, ""]
+            continue
+        lines += ["```python", cell.source, "```", ""]
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" in data:
+                name = f"quickstart-{len(images) + 1}.png"
+                images.append((f"notebooks/{name}", base64.b64decode(data["image/png"])))
+                lines += [f"![output]({name})", ""]
+            elif "text/html" in data:
+                lines += ['<div class="nb-output" markdown="0">', data["text/html"], "</div>", ""]
+            elif "text/plain" in data or output.get("text"):
+                lines += ["```text", (output.get("text") or data["text/plain"]).rstrip(), "```", ""]
+    lines += ["[Download the notebook](quickstart.ipynb)", ""]
+    return [("notebooks/quickstart.md", "\n".join(lines)), *images]
 
 
 HOOK_TABLE = "<!-- hook-table -->"  # where plugins.md gets the table generated from hookspecs.py

@@ -231,6 +231,9 @@ def test_panel_data_tells_valid_from_rejected_and_names_missing_data(demo: Path)
     assert len(panels[4]["bs"]["VV"]) == 10 and panels[4]["peers"]["count"] >= 17
     assert panels[OUTSIDE]["notes"] == ["No observations of this parcel in the signature store."]
     assert panels[OUTSIDE]["s2"]["dates"] == []
+    preloaded = Workbench(bench.run)
+    preloaded.preload()  # what an export does: every series read and screened at once
+    assert preloaded.panels([4, OUTSIDE]) == panels
 
 
 # The export, opened from disk ------------------------------------------------------------------------

@@ -33,8 +33,8 @@ import pandas as pd
 import shapely
 
 from cbm_core.errors import CbmError
-from cbm_core.model import ValidityPolicy, unusable_share
-from cbm_plugins.analyst._plots import LIGHT_COLOURS, FinishedRun, data_notes, observations
+from cbm_core.model import HIST_COLUMNS, TimeSeries, ValidityPolicy, unusable_share
+from cbm_plugins.analyst._plots import LIGHT_COLOURS, FinishedRun, data_notes
 
 TILE_ZOOM = 14  # parcels are cut into tiles of this zoom (about 1.5 km wide at 50° N)
 TILE_EXTENT = 4096  # quantisation units across a tile (0.6 Mercator metres at TILE_ZOOM)
@@ -217,27 +217,35 @@ class Workbench:
             "dates": self.s2_dates,
         }
 
+    def preload(self) -> None:
+        """Read every parcel's series once (an export makes every panel: one store read, one screen)."""
+        self._observations = observations_all(self.run.series(list(self.parcels["pid"])), self.policy)
+
+    def _observed(self, pids: Sequence[int]) -> dict[str, pd.DataFrame]:
+        """The observations of some parcels: from the preloaded ones, or read now."""
+        found = getattr(self, "_observations", None)
+        if found is None:
+            return observations_all(self.run.series([int(p) for p in pids]), self.policy)
+        wanted = set(int(p) for p in pids)
+        return {card: frame[frame["pid"].isin(wanted)] for card, frame in found.items()}
+
     def panels(self, pids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """The parcel panel of each pid: series (S2 NDVI valid/rejected, S1 dB, coherence), marker
-        results and events, verdict and reasons, crop peers, and notes on missing data."""
+        """The parcel panel of each pid: series (S2 NDVI valid/rejected with the reason, S1 dB,
+        coherence), marker results and events, verdict and reasons, crop peers, notes on missing data."""
         pids = [int(p) for p in pids]
-        series = self.run.series(pids)
-        by_pid = {int(p): None for p in pids}
-        stats_groups = dict(tuple(series.stats.groupby("pid", sort=False))) if len(series.stats) else {}
-        scl_groups = dict(tuple(series.scl.groupby("pid", sort=False))) if len(series.scl) else {}
+        observed = self._observed(pids)
+        groups = {card: dict(tuple(frame.groupby("pid", sort=False))) for card, frame in observed.items()}
         results = self.run.results
-        result_groups = dict(tuple(results.groupby("pid", sort=False))) if len(results) else {}
+        wanted = results[results["pid"].isin(pids)] if len(results) else results
+        result_groups = dict(tuple(wanted.groupby("pid", sort=False))) if len(wanted) else {}
         parcels = self.parcels.set_index("pid")
-        empty_stats, empty_scl = series.stats.iloc[0:0], series.scl.iloc[0:0]
-        for pid in by_pid:
-            one = type(series)(
-                stats_groups.get(pid, empty_stats), scl_groups.get(pid, empty_scl), series.parcels.iloc[0:0]
-            )
-            obs = observations(one, pid, self.policy)
+        out = {}
+        for pid in pids:
+            obs = {card: groups[card].get(pid, observed[card].iloc[0:0]) for card in observed}
             row = parcels.loc[pid]
             marks = result_groups.get(pid, results.iloc[0:0])
             used = {o for text in marks["obsids"] for o in json.loads(text or "[]")} if len(marks) else set()
-            by_pid[pid] = {
+            out[pid] = {
                 "pid": pid,
                 "light": row["light"],
                 "reasons": [r for r in str(row["reasons"]).split("; ") if r],
@@ -263,7 +271,7 @@ class Workbench:
                 ],
                 "peers": self.peer_band(row["crop"]),
             }
-        return by_pid
+        return out
 
     def peer_band(self, crop: str) -> dict[str, Any]:
         """The valid NDVI of (a sample of) the parcels declared with a crop: 10/50/90 % per date."""
@@ -271,15 +279,9 @@ class Workbench:
         if crop not in cache:
             same = self.parcels.loc[self.parcels["crop"] == crop, "pid"].to_numpy()
             if len(same) > PEER_SAMPLE:
-                same = np.random.default_rng(0).choice(same, PEER_SAMPLE, replace=False)
-            series = self.run.series([int(p) for p in same])
-            frames = [observations(series, int(p), self.policy)["s2"] for p in same]
-            valid = (
-                pd.concat(frames, ignore_index=True)
-                if frames
-                else pd.DataFrame(columns=["date", "NDVI", "clear"])
-            )
-            valid = valid[valid["clear"].astype(bool)] if len(valid) else valid
+                same = np.sort(np.random.default_rng(0).choice(same, PEER_SAMPLE, replace=False))
+            s2 = self._observed(same)["s2"]
+            valid = s2[s2["clear"].astype(bool)] if len(s2) else s2
             if valid.empty:
                 cache[crop] = {"count": len(same), "dates": [], "p10": [], "p50": [], "p90": []}
             else:
@@ -290,6 +292,55 @@ class Workbench:
                     **{k: _rounded(q[v]) for k, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))},
                 }
         return cache[crop]
+
+
+def observations_all(series: TimeSeries, policy: ValidityPolicy) -> dict[str, pd.DataFrame]:
+    """The analyst's `observations` for every parcel of a series at once (one pivot per card, one
+    screen), each frame with a pid column and in (pid, date) order."""
+    s2 = _wide(series.stats, "s2", ("B02", "B04", "B08"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s2["NDVI"] = (s2["B08"] - s2["B04"]) / (s2["B08"] + s2["B04"])
+    s2 = s2[np.isfinite(s2["NDVI"])].reset_index(drop=True)
+    hist = None
+    if len(series.scl):
+        scl = series.scl.assign(obsid=series.scl["obsid"].astype(str)).drop_duplicates(["pid", "obsid"])
+        keyed = scl.set_index(["pid", "obsid"])[list(HIST_COLUMNS)]
+        hist = keyed.reindex(pd.MultiIndex.from_arrays([s2["pid"], s2["obsid"]])).to_numpy(np.float64)
+    days = (s2["date"] - pd.Timestamp("1970-01-01")).dt.total_seconds().to_numpy() / 86400.0
+    screened = policy.screen(
+        s2["pid"].to_numpy(),
+        days,
+        hist,
+        blue=s2["B02"].to_numpy(float),
+        red=s2["B04"].to_numpy(float),
+        ndvi=s2["NDVI"].to_numpy(float),
+    )
+    s2 = s2.assign(cloudy=screened.unusable, clear=screened.valid, why=screened.reason)
+    bs = _wide(series.stats, "bs", ("VV", "VH"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for band in ("VV", "VH"):
+            linear = bs[band].to_numpy(float)
+            bs[f"{band}_dB"] = np.where(linear > 0, 10 * np.log10(linear), np.nan)
+    return {
+        "s2": s2[["pid", "date", "obsid", "NDVI", "cloudy", "clear", "why"]],
+        "bs": bs[["pid", "date", "obsid", "orbit", "VV_dB", "VH_dB"]],
+        "c6": _wide(series.stats, "c6", ("VV", "VH"))[["pid", "date", "obsid", "orbit", "VV", "VH"]],
+    }
+
+
+def _wide(stats: pd.DataFrame, card: str, bands: Sequence[str]) -> pd.DataFrame:
+    """A card's parcel means as one row per (pid, observation) and one column per band."""
+    rows = stats[(stats["card"].astype(str) == card) & stats["band"].astype(str).isin(bands)]
+    keys = ["pid", "obstime", "obsid", "orbit"]
+    wide = (
+        rows.assign(obsid=rows["obsid"].astype(str), orbit=rows["orbit"].astype(object).fillna(""))
+        .pivot_table(index=keys, columns="band", values="mean", aggfunc="first", observed=True)
+        .reset_index()
+    )
+    wide.columns.name = None
+    wide = wide.reindex(columns=[*keys, *bands]).sort_values(["pid", "obstime"], ignore_index=True)
+    wide.insert(1, "date", pd.to_datetime(wide["obstime"], utc=True).dt.tz_convert(None).dt.normalize())
+    return wide.drop(columns="obstime")
 
 
 def tile_key(lon: float, lat: float, zoom: int = TILE_ZOOM) -> tuple[int, int]:

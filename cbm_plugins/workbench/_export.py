@@ -99,6 +99,7 @@ def export(
         raise InputError(f"chips {chips!r}: use flagged, all or none")
     done = run if isinstance(run, FinishedRun) else open_any(run)
     bench = Workbench(done)
+    bench.preload()
     out = Path(out_dir)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -414,7 +414,8 @@
         for (const e of m.events) {
           if (e.start && e.end && e.end > e.start) svg += `<rect x="${x(e.start)}" y="${top}" width="${Math.max(1, x(e.end) - x(e.start))}" height="${H}" fill="#6a1b9a" opacity="0.1"/>`;
           svg += `<line class="event" x1="${x(e.main)}" x2="${x(e.main)}" y1="${top}" y2="${top + H}" stroke="#d50000" stroke-dasharray="4 3"><title>${esc(m.marker)}: ${esc(e.kind || "event")} ${esc(e.main)}</title></line>`;
-          if (k === 0) svg += `<text x="${x(e.main) + 2}" y="${top + 10}" fill="#d50000">${esc(e.kind || m.marker)} ${esc(e.main.slice(5))}</text>`;
+          const right = x(e.main) > W * 0.7; // label left of the line near the right edge
+          if (k === 0) svg += `<text x="${x(e.main) + (right ? -3 : 3)}" y="${top + 10}" text-anchor="${right ? "end" : "start"}" fill="#d50000">${esc(e.kind || m.marker)} ${esc(e.main.slice(5))}</text>`;
         }
       if (panel.kind === "s2") {
         const p = d.peers;
