@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import nbformat
 from nbclient import NotebookClient
 
@@ -36,11 +37,28 @@ def test_site_builds_strict_with_generated_references(tmp_path: Path) -> None:
     )
     assert built.returncode == 0, built.stderr[-3000:]
     cli = (site / "cli" / "index.html").read_text()
-    assert all(f"<code>cbm {c}</code>" in cli for c in ("run", "plot", "chips", "report"))
+    from cbm_core.cli import cli as cbm
+
+    commands = cbm.list_commands(click.Context(cbm))
+    assert {"serve", "users", "workbench", "report", "chips"} <= set(commands)
+    missing = [c for c in commands if f"<code>cbm {c}</code>" not in cli]
+    assert not missing, f"commands missing from the CLI reference: {missing}"
+    assert "<code>cbm workbench export</code>" in cli
+    assert "summary page" in cli  # `cbm report --help` says what the report holds
+    gallery = (site / "gallery" / "index.html").read_text()
+    for name in ("parcel", "peers", "calendar", "report-page", "workbench"):
+        picture = site / "gallery" / f"{name}.png"
+        assert picture.is_file() and picture.stat().st_size > 20_000, name
+        assert f"{name}.png" in gallery
+    notebook = (site / "notebooks" / "quickstart" / "index.html").read_text()
+    assert notebook.count("<img") >= 2 and "flagged parcels" in notebook  # rendered with its outputs
+    assert (site / "css" / "extra.css").is_file() and "pre-wrap" in (site / "css" / "extra.css").read_text()
     rest = (site / "rest" / "index.html").read_text()
     assert "<code>GET /query/parcelByID</code>" in rest and (site / "openapi.json").is_file()
     api = (site / "api" / "index.html").read_text()
     assert 'id="cbm_plugins.analyst._plots.plot_parcel"' in api and 'id="cbm_core.api.run"' in api
+    assert api.count("Parameters:") + api.count(">Parameters<") >= 3  # numpy sections, not run-on text
+    assert "<code>&gt;&gt;&gt; chips = read_chips(" in api or "read_chips(" in api
     for page in ("concepts", "analyst", "data", "plugins"):
         assert (site / page / "index.html").is_file(), page
     assert (site / "notebooks" / "quickstart.ipynb").is_file()

@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,6 +53,7 @@ TEMPLATES = Path(__file__).with_name("templates")
 A4_INCHES = (8.27, 11.69)
 MAP_BUFFER_M = 400.0  # ground around the parcel on its location map
 KEY_CHIPS = 6  # chips on a parcel page: before/after pairs of up to three events
+KEY_CHIP_LABEL_WIDTH = 24  # characters a line under a key chip (six chips share an A4 width)
 SUMMARY_ROWS_PER_PAGE = 38  # flagged-parcel rows on one A4 summary page of the PDF
 FIGURE_DPI = 110  # resolution of figures embedded in the HTML and laid on the PDF pages
 NO_LIGHT_COLOUR = "#757575"
@@ -337,11 +339,12 @@ def _key_chip_figure(done: FinishedRun, pid: int, found) -> Figure:
             color="#b71c1c",
         )
         return fig
-    fig = Figure(figsize=(10, 2.3), layout="constrained")
+    fig = Figure(figsize=(10, 2.5), layout="constrained")
     axes = fig.subplots(1, KEY_CHIPS, squeeze=False)[0]
     for i, (ax, (caption, chip)) in enumerate(zip(axes, chosen, strict=False)):
         draw_chip(ax, chip, outline, scale_bar=i == 0)
-        ax.set_title(f"{caption}\n{chip.label}", fontsize=7)
+        label = "\n".join(textwrap.wrap(chip.label.replace(" · ", ", "), KEY_CHIP_LABEL_WIDTH)[:3])
+        ax.set_title(f"{caption}\n{label}", fontsize=6.5)
     for ax in axes[len(chosen) :]:
         ax.set_axis_off()
     return fig
