@@ -58,7 +58,8 @@ def test_site_builds_strict_with_generated_references(tmp_path: Path) -> None:
     api = (site / "api" / "index.html").read_text()
     assert 'id="cbm_plugins.analyst._plots.plot_parcel"' in api and 'id="cbm_core.api.run"' in api
     assert api.count("Parameters:") + api.count(">Parameters<") >= 3  # numpy sections, not run-on text
-    assert "<code>&gt;&gt;&gt; chips = read_chips(" in api or "read_chips(" in api
+    examples = api.split('doc-section-title">Examples:')[1:]
+    assert len(examples) >= 5 and all('<span class="gp">&gt;&gt;&gt; </span>' in e[:400] for e in examples)
     for page in ("concepts", "analyst", "data", "plugins"):
         assert (site / page / "index.html").is_file(), page
     assert (site / "notebooks" / "quickstart.ipynb").is_file()
