@@ -40,7 +40,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 PASSWORD = "correct horse"
 OUTSIDE = 99  # a parcel 5 km east of the imagery: no observations, no chips
-RED = np.array([0xC6, 0x28, 0x28]) / 255
+YELLOW = np.array([0xF2, 0xA9, 0x00]) / 255
 GREEN = np.array([0x2E, 0x7D, 0x32]) / 255
 
 
@@ -55,7 +55,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = folder / "run.toml"
     config.write_text(
         '[run]\nout = "out"\n'
-        # the ndvi-drop recipe with thin cirrus accepted: 7 green parcels with an event, 11 red
+        # the ndvi-drop recipe with thin cirrus accepted: 7 green parcels with an event, 12 yellow
         '[[marker]]\nplugin = "ndvi_drop"\nmin_drop = 0.1\nmin_valid = 3\n'
         "[validity]\nunusable_classes = [0, 1, 3, 8, 9, 11]\nmax_haze = false\ndip = false\n"
         '[rule]\nplugin = "traffic_light"\nmarkers.ndvi_drop = { expect = "event", min_confidence = 0.5 }\n'
@@ -243,7 +243,7 @@ def test_export_draws_parcels_in_their_colours_without_webgl(browser, exported: 
     open_page(browser, (exported / "index.html").as_uri())
     assert browser.execute_script("return !document.createElement('canvas').getContext('webgl')")
     drawn = browser.execute_script("return CBM.drawn")
-    assert drawn["red"] > 0 and drawn["green"] > 0
+    assert drawn["yellow"] > 0 and drawn["green"] > 0
     browser.find_element("css selector", "#f-lights input[value=green]").click()  # green drawn in full too
     browser.execute_script(
         "const r = CBM.rowOf(8); CBM.map.setView([CBM.index.lat[r], CBM.index.lon[r]], 16, {animate: false})"
@@ -251,7 +251,7 @@ def test_export_draws_parcels_in_their_colours_without_webgl(browser, exported: 
     tiles_drawn(browser)
     pixels = screenshot(browser)
     assert pixels.std() > 0.08, "the map is blank"
-    assert share_near(pixels, RED) > 0.002, "no red parcel outline on the map"
+    assert share_near(pixels, YELLOW) > 0.002, "no yellow parcel outline on the map"
     assert share_near(pixels, GREEN) > 0.002, "no green parcel outline on the map"
 
 
@@ -266,7 +266,7 @@ def test_clicking_a_parcel_shows_its_series_and_chips(browser, exported: Path) -
     assert len(panel.find_elements("css selector", "svg.series line.event")) == 2  # one per panel
     assert "No chip calendar in this export for parcel 4" in panel.text  # green: not exported
     assert browser.execute_script("return location.hash") == "#pid=4"
-    click_parcel(browser, 8)  # red: its calendar was exported
+    click_parcel(browser, 8)  # flagged (yellow): its calendar was exported
     wait(browser, "return CBM.panelPid === 8", "the panel did not open on parcel 8")
     wait(
         browser,
@@ -366,7 +366,7 @@ def test_served_workbench_draws_and_opens_a_parcel_with_server_rendered_chips(
 ) -> None:
     login(browser, "ann")
     open_page(browser, f"{server.url}/workbench/fl/2023/")
-    assert browser.execute_script("return CBM.drawn.red") > 0
+    assert browser.execute_script("return CBM.drawn.yellow") > 0
     click_parcel(browser, 8)
     wait(browser, "return CBM.panelPid === 8", "the panel did not open")
     assert len(browser.find_elements("css selector", "#panel svg.series circle.obs")) > 5
