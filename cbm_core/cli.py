@@ -312,7 +312,8 @@ def score(
 ) -> None:
     """Run a scheme's markers and rule on ready-made signatures (another backend's statistics).
 
-    Writes verdicts.gpkg/csv, markers.parquet and summary.json to OUT, as `cbm run` does.
+    Writes verdicts.gpkg/csv, markers.parquet, events.parquet/csv and summary.json to OUT, as
+    `cbm run` does.
     """
     from cbm_core import runs
     from cbm_core.pipeline import Engine
@@ -325,7 +326,7 @@ def score(
     series = engine.signatures(PluginConfig(source, options, Path.cwd(), "--signatures"))
     results, verdicts = runs.score(engine, series, plan, out, str(signatures), wait=wait)
     lights = verdicts["light"].value_counts()
-    counts = {light: int(lights.get(light, 0)) for light in ("green", "yellow", "red")}
+    counts = {light: int(lights.get(light, 0)) for light in ("green", "yellow", "red", "not_applicable")}
     click.echo(
         f"{len(verdicts)} parcels, {len(results)} marker results; verdicts: {counts['green']} green, "
         f"{counts['yellow']} yellow, {counts['red']} red; written to {out}"

@@ -57,6 +57,24 @@ def read_table(path: Path) -> pd.DataFrame:
         raise InputError(f"{path}: not a readable Parquet/CSV signature table ({exc})") from None
 
 
+def _refuse_duplicates(frame: pd.DataFrame, what: str) -> None:
+    """Refuse two different rows for one parcel, observation and band (which would the markers take?).
+
+    Repeated identical rows are harmless and dropped (in place)."""
+    key = ["pid", "obsid", "band"]
+    if not frame.duplicated(key).any():
+        return
+    frame.drop_duplicates(inplace=True, ignore_index=True)
+    clash = frame.duplicated(key, keep=False)
+    if clash.any():
+        row = frame[clash].iloc[0]
+        raise InputError(
+            f"{what}: parcel {row['pid']} has band {row['band']} twice for observation {row['obsid']} "
+            f"({row['obstime']:%Y-%m-%d}) with different values; give one row per parcel, observation and "
+            "band (an obsid or orbit column tells two acquisitions of one day apart)"
+        )
+
+
 def signatures_series(
     table: pd.DataFrame,
     parcels: gpd.GeoDataFrame | None = None,
@@ -93,6 +111,7 @@ def signatures_series(
         orbit = frame["orbit"].fillna("").astype(str)
         frame["obsid"] = frame["card"] + "_" + stamp + np.where(orbit != "", "_" + orbit, "")
     frame["obsid"] = frame["obsid"].astype(str)
+    _refuse_duplicates(frame, what)
     if "count" not in frame.columns:
         frame["count"] = 1
     for column in STATS:
