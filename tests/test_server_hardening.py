@@ -132,19 +132,27 @@ def test_back_off_per_user_spares_a_session_already_logged_in():
     assert throttle.wait("user:ann") == pytest.approx(2.0)  # doubled
     clock[0] += 2.5
     assert throttle.wait("user:ann") == 0.0
-    throttle.succeeded("user:ann")
+    throttle.succeeded("client:10.0.0.7", "user:ann")
     throttle.failed("user:ann")
     assert throttle.wait("user:ann") == 0.0  # counting starts afresh after a success
+    assert throttle.trusted("client:10.0.0.7", "user:ann") and not throttle.trusted(
+        "client:10.0.0.8", "user:ann"
+    )
 
 
-def test_cached_session_passes_while_its_user_name_is_backed_off(folder):
+def test_a_session_passes_while_its_user_name_is_backed_off_but_new_clients_wait(folder):
     client = app_client(folder)
-    assert parcel(client, auth=ANN).status_code == 200  # ann's session: password verified once
     throttle = client.app.state.login_throttle
     for _ in range(FREE_FAILURES + 3):
         throttle.failed("user:ann")  # an attacker elsewhere guessing ann's password
+    assert parcel(client, auth=ANN).status_code == 429  # a client ann never logged in from waits too
+    throttle.succeeded("client:testclient", "user:other")  # (trust is per user name)
+    assert parcel(client, auth=ANN).status_code == 429
+    throttle.succeeded("client:testclient", "user:ann")  # ann's own session from this client
+    for _ in range(FREE_FAILURES + 3):
+        throttle.failed("user:ann")  # the attack goes on
+    assert throttle.wait("user:ann") > 0
     assert parcel(client, auth=ANN).status_code == 200
-    assert parcel(client, auth=("ann", "a guess")).status_code == 429  # guesses are not checked
 
 
 def test_hash_pool_is_bounded():

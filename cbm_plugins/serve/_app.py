@@ -57,7 +57,7 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
     files = Files(config.chip_dir, config.signing_key)
     app.state.datasets = Datasets(config.datasets, manager, config.limits, files)
     app.state.authenticator = Authenticator(config.users)
-    app.state.login_throttle = LoginThrottle()
+    app.state.login_throttle = LoginThrottle(int(config.limits["login_free_failures"]))
     app.state.hash_pool = HashPool(
         int(config.limits["login_hash_threads"]), int(config.limits["login_hash_queue"])
     )

@@ -59,10 +59,11 @@ async def current_user(
     client = f"client:{request.client.host if request.client else '?'}"
     name = f"user:{credentials.username}"
     _refuse_while_waiting(throttle.wait(client))  # before any check: a waiting client learns nothing
+    if not throttle.trusted(client, name):  # an attack on a name from elsewhere spares its owner
+        _refuse_while_waiting(throttle.wait(name))
     found = auth.cached(credentials.username, credentials.password)
     if found is not None:
         return found
-    _refuse_while_waiting(throttle.wait(name))
     pool: HashPool = request.app.state.hash_pool
     future = pool.submit(auth.check, credentials.username, credentials.password)
     if future is None:

@@ -54,6 +54,7 @@ LIMIT_DEFAULTS = {
     "max_chipsize": 5120.0,
     "max_chips": 300,
     "store_timeout": 3.0,  # seconds a request waits for a dataset's database that is down (then 503)
+    "login_free_failures": 5,  # failed logins of a client or user name before it must wait (1 s, 2 s, ...)
     "login_hash_threads": 1,  # threads hashing passwords of new or wrong logins (scrypt: one core each)
     "login_hash_queue": 16,  # logins waiting for one; more are answered 503 at once
 }

@@ -7,8 +7,9 @@ logins raised a legitimate user's median latency from 8.6 ms to 170 ms. So:
   wait before its next attempt, twice as long after each further failure, up to ``LONGEST_WAIT_S``;
   an attempt during the wait is answered 429 with Retry-After at once, without hashing anything;
   a successful login clears the counters;
-* the user-name back-off holds only for passwords not verified before, so an attack on a name never
-  locks out its owner's running session (whose password is checked by a keyed digest, not scrypt);
+* the user-name back-off does not hold for a client address that has logged in as that user before,
+  so an attack on a name from elsewhere never locks out its owner's session; it holds before the
+  cache of verified passwords is consulted, so that cache is never an unthrottled oracle;
 * scrypt runs on a pool of ``hash_threads`` threads (default 1: one core) with at most
   ``hash_queue`` checks waiting; beyond that a new check is answered 503 with Retry-After.
 
@@ -42,10 +43,12 @@ class _Failures:
 class LoginThrottle:
     """Failed-login counters with exponential back-off, for client addresses and user names."""
 
-    def __init__(self, clock=time.monotonic) -> None:
+    def __init__(self, free_failures: int = FREE_FAILURES, clock=time.monotonic) -> None:
+        self.free_failures = free_failures
         self._clock = clock
         self._lock = threading.Lock()
         self._keys: OrderedDict[str, _Failures] = OrderedDict()
+        self._trusted: OrderedDict[tuple[str, str], None] = OrderedDict()  # (client, user) that logged in
 
     def wait(self, key: str) -> float:
         """Seconds `key` must still wait before an attempt is checked (0: go ahead)."""
@@ -64,17 +67,27 @@ class LoginThrottle:
                     found = _Failures()
                 found.count += 1
                 found.last = now
-                if found.count >= FREE_FAILURES:
-                    wait = min(FIRST_WAIT_S * 2 ** (found.count - FREE_FAILURES), LONGEST_WAIT_S)
+                if found.count >= self.free_failures:
+                    wait = min(FIRST_WAIT_S * 2 ** (found.count - self.free_failures), LONGEST_WAIT_S)
                     found.blocked_until = now + wait
                 self._keys[key] = found  # most recent last
             while len(self._keys) > MAX_KEYS:
                 self._keys.popitem(last=False)
 
-    def succeeded(self, *keys: str) -> None:
+    def succeeded(self, client: str, user: str) -> None:
+        """A login that passed: clear both counters and trust this client for this user."""
         with self._lock:
-            for key in keys:
+            for key in (client, user):
                 self._keys.pop(key, None)
+            self._trusted.pop((client, user), None)
+            self._trusted[(client, user)] = None
+            while len(self._trusted) > MAX_KEYS:
+                self._trusted.popitem(last=False)
+
+    def trusted(self, client: str, user: str) -> bool:
+        """Whether this client has logged in as this user before (its session outlives a user back-off)."""
+        with self._lock:
+            return (client, user) in self._trusted
 
 
 class HashPool:
