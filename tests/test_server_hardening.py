@@ -177,3 +177,17 @@ def test_users_cli_refuses_a_broken_users_file_in_one_line(folder, tmp_path):
     result = CliRunner().invoke(cli, ["users", "--config", str(config), "list"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith(f'Error: {users}: user ann: "aois" must be')
+
+
+def test_checks_in_flight_count_so_concurrent_guesses_cannot_outrun_the_back_off():
+    throttle = LoginThrottle()
+    assert all(throttle.begin("client:a", "user:ann") for _ in range(FREE_FAILURES))
+    assert not throttle.begin("client:a", "user:ann")  # 16 guesses at once: 5 are checked, not 16
+    assert not throttle.begin("client:b", "user:ann")  # the user name's share is used up too
+    assert throttle.begin("client:b", "user:bob")
+    throttle.end("client:a", "user:ann")
+    throttle.failed("client:a", "user:ann")
+    assert not throttle.begin("client:a")  # 4 in flight + 1 failure
+    for _ in range(FREE_FAILURES - 1):
+        throttle.end("client:a", "user:ann")
+    assert throttle.begin("client:a")  # 1 failure, nothing in flight

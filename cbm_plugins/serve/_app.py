@@ -58,6 +58,7 @@ def create_app(config: ServerConfig, plugins: PluginManager | None = None) -> Fa
     app.state.datasets = Datasets(config.datasets, manager, config.limits, files)
     app.state.authenticator = Authenticator(config.users)
     app.state.login_throttle = LoginThrottle(int(config.limits["login_free_failures"]))
+    app.state.login_checks = {}  # credentials digest -> the scrypt check in flight
     app.state.hash_pool = HashPool(
         int(config.limits["login_hash_threads"]), int(config.limits["login_hash_queue"])
     )

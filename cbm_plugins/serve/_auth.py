@@ -6,6 +6,7 @@ import asyncio
 import binascii
 import math
 from base64 import b64decode
+from concurrent.futures import Future
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -59,23 +60,50 @@ async def current_user(
     client = f"client:{request.client.host if request.client else '?'}"
     name = f"user:{credentials.username}"
     _refuse_while_waiting(throttle.wait(client))  # before any check: a waiting client learns nothing
+    keys = [client]
     if not throttle.trusted(client, name):  # an attack on a name from elsewhere spares its owner
         _refuse_while_waiting(throttle.wait(name))
+        keys.append(name)
     found = auth.cached(credentials.username, credentials.password)
     if found is not None:
         return found
-    pool: HashPool = request.app.state.hash_pool
-    future = pool.submit(auth.check, credentials.username, credentials.password)
-    if future is None:
-        raise HTTPException(
-            503, "too many logins being checked; try again shortly", headers={"Retry-After": "1"}
-        )
-    found = await asyncio.wrap_future(future)
+    found = await _check(request, auth, throttle, keys, credentials)
     if found is None:
         throttle.failed(client, name)
         raise HTTPException(401, "wrong user name or password", headers=CHALLENGE)
     throttle.succeeded(client, name)
     return found
+
+
+async def _check(
+    request: Request,
+    auth: Authenticator,
+    throttle: LoginThrottle,
+    keys: list[str],
+    credentials: HTTPBasicCredentials,
+) -> User | None:
+    """The scrypt check on the bounded pool; requests with the same credentials share one check."""
+    checks: dict[bytes, Future] = request.app.state.login_checks
+    same = auth.digest(credentials.username, credentials.password)
+    future = checks.get(same)
+    if future is None:
+        if not throttle.begin(*keys):
+            _refuse_while_waiting(1.0)  # as many checks in flight as failures are free
+        pool: HashPool = request.app.state.hash_pool
+        future = pool.submit(auth.check, credentials.username, credentials.password)
+        if future is None:
+            throttle.end(*keys)
+            raise HTTPException(
+                503, "too many logins being checked; try again shortly", headers={"Retry-After": "1"}
+            )
+        checks[same] = future
+
+        def done(_: Future) -> None:
+            checks.pop(same, None)
+            throttle.end(*keys)
+
+        future.add_done_callback(done)
+    return await asyncio.wrap_future(future)
 
 
 def _refuse_while_waiting(seconds: float) -> None:

@@ -6,6 +6,8 @@ logins raised a legitimate user's median latency from 8.6 ms to 170 ms. So:
 * after ``FREE_FAILURES`` failed logins a client address (or a user name, whoever sends it) must
   wait before its next attempt, twice as long after each further failure, up to ``LONGEST_WAIT_S``;
   an attempt during the wait is answered 429 with Retry-After at once, without hashing anything;
+  checks in flight count as failures until they end, so concurrent guesses cannot outrun the count;
+  concurrent requests with the same credentials share one check;
   a successful login clears the counters;
 * the user-name back-off does not hold for a client address that has logged in as that user before,
   so an attack on a name from elsewhere never locks out its owner's session; it holds before the
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -49,6 +51,7 @@ class LoginThrottle:
         self._lock = threading.Lock()
         self._keys: OrderedDict[str, _Failures] = OrderedDict()
         self._trusted: OrderedDict[tuple[str, str], None] = OrderedDict()  # (client, user) that logged in
+        self._pending: Counter[str] = Counter()  # checks in flight per key
 
     def wait(self, key: str) -> float:
         """Seconds `key` must still wait before an attempt is checked (0: go ahead)."""
@@ -56,6 +59,29 @@ class LoginThrottle:
         with self._lock:
             found = self._keys.get(key)
             return max(found.blocked_until - now, 0.0) if found else 0.0
+
+    def begin(self, *keys: str) -> bool:
+        """Reserve a password check for each key; False (nothing reserved) when a key's failures plus
+        checks in flight already reach the free failures. So 16 bad logins sent at once cost as many
+        scrypts as 5 sent one after the other, not 16."""
+        now = self._clock()
+        with self._lock:
+            for key in keys:
+                found = self._keys.get(key)
+                count = found.count if found and now - found.last <= FORGET_AFTER_S else 0
+                if count + self._pending[key] >= self.free_failures:
+                    return False
+            for key in keys:
+                self._pending[key] += 1
+            return True
+
+    def end(self, *keys: str) -> None:
+        """Release the reservations of a finished check (before failed() or succeeded())."""
+        with self._lock:
+            for key in keys:
+                self._pending[key] -= 1
+                if self._pending[key] <= 0:
+                    del self._pending[key]
 
     def failed(self, *keys: str) -> None:
         """Count a failed login against each key (a client address, a user name)."""

@@ -154,5 +154,9 @@ class Authenticator:
                 self._verified[name] = self._digest(name, password)
         return user
 
+    def digest(self, name: str, password: str) -> bytes:
+        """A keyed digest of credentials (the key never leaves memory): safe to hold as a dict key."""
+        return self._digest(name, password)
+
     def _digest(self, name: str, password: str) -> bytes:
         return hmac.new(self._key, f"{name}\0{password}".encode(), hashlib.sha256).digest()
