@@ -110,7 +110,15 @@ MODULES: dict[str, Target] = {
             "import_catalogue",
         ),
     ),
-    "auth": Target("cbm_plugins/serve/_users.py", ("tests/test_claims_server.py",)),
+    "auth": Target(
+        "cbm_plugins/serve/_users.py",
+        (
+            "tests/test_claims_server.py",
+            "tests/test_server.py::test_only_verified_passwords_skip_the_hash_until_the_users_file_changes",
+            "tests/test_server.py::test_users_command_hashes_passwords",
+            "tests/test_server_hardening.py::test_users_file_with_a_string_of_aois_is_refused",
+        ),
+    ),
     "aoi": Target(
         "cbm_plugins/serve/_datasets.py",
         ("tests/test_claims_server.py",),
@@ -492,7 +500,12 @@ def _outcome(pid: int, started: float, timeout: float, wait: bool = False) -> st
 
 
 def run_module(
-    name: str, target: Target, max_mutants: int | None = None, jobs: int = 1, sample: int | None = None
+    name: str,
+    target: Target,
+    max_mutants: int | None = None,
+    jobs: int = 1,
+    sample: int | None = None,
+    deadline: float | None = None,
 ) -> Report:
     source = (ROOT / target.path).read_text()
     lines = source.splitlines()
@@ -532,6 +545,13 @@ def run_module(
             queue = [q for i, q in enumerate(queue) if i in chosen]
         running: dict[int, tuple[Mutant, int, float]] = {}  # copy slot -> (mutant, pid, start)
         while queue or running:
+            if deadline is not None and time.time() > deadline and queue:  # out of time: report what ran
+                report.sampled = (
+                    f"stopped at the deadline with {len(queue)} mutants not run; " + report.sampled
+                )
+                for mutant, _ in queue:
+                    mutant.status = "skipped"
+                queue = []
             for slot in range(jobs):
                 if slot not in running and queue:
                     mutant, text = queue.pop(0)
@@ -570,6 +590,15 @@ def run_module(
     return report
 
 
+def _deadline(text: str | None) -> float | None:
+    """Today's HH:MM (UTC) as a time.time() value."""
+    if text is None:
+        return None
+    hours, minutes = map(int, text.split(":"))
+    now = time.gmtime()
+    return time.time() + (hours * 60 + minutes - now.tm_hour * 60 - now.tm_min) * 60 - now.tm_sec
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(MODULES), help="default: all")
@@ -578,6 +607,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (each in its own copy)")
     parser.add_argument("--sample", type=int, help="run a fixed random sample of this many covered mutants")
+    parser.add_argument("--deadline", help="HH:MM (UTC): start no mutant after it; the report says so")
     args = parser.parse_args()
     names = args.module or sorted(MODULES)
     if args.list:
@@ -592,7 +622,11 @@ def main() -> None:
         with contextlib.suppress(ImportError):
             __import__(module)
     reports = {
-        name: asdict(run_module(name, MODULES[name], args.max_mutants, args.jobs, args.sample))
+        name: asdict(
+            run_module(
+                name, MODULES[name], args.max_mutants, args.jobs, args.sample, _deadline(args.deadline)
+            )
+        )
         for name in names
     }
     text = json.dumps(reports, indent=2)
