@@ -501,3 +501,111 @@ def test_validity_tables_round_trip():
     assert ValidityPolicy.of({"validity": policy}) is policy
     assert ValidityPolicy.of({"validity": {"dip": 0.2}}).dip == 0.2
     assert ValidityPolicy().scl_share(scl_rows({4: 9, 9: 1})).tolist() == [0.1]
+
+
+# Parcel ids and outlines (hardening) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pids", "bad"),
+    [
+        (np.array([1, 2**63], dtype=np.uint64), "9223372036854775808"),
+        (np.array([1.0, 2.0**63]), "9.223372036854776e+18"),
+        (np.array([1.0, 2.5]), "2.5"),
+        (np.array([1.0, np.nan]), "nan"),
+        (pd.Series(["1", "9223372036854775808"], dtype=object), "'9223372036854775808'"),
+        (pd.Series(["1", "1e300"], dtype=object), "'1e300'"),
+        (pd.Series(["1", "inf"], dtype=object), "'inf'"),
+        (pd.Series(["1", "2.5"], dtype=object), "'2.5'"),
+        (pd.Series([1, True], dtype=object), "True"),
+        (pd.Series([1, None], dtype=object), "None"),
+    ],
+)
+def test_pids_beyond_int64_or_not_integers_are_refused_naming_the_value(pids, bad):
+    """Planted bugs: `values <= INT64_MAX` -> `<`; `numbers < 2.0**63` -> `<= 2.0**63`; the bool
+    and None check of _exact_int64 dropped; `math.isfinite` check dropped."""
+    from cbm_core.model import int64_ids
+
+    with pytest.raises(InputError) as info:
+        int64_ids(pd.Series(pids), "p.gpkg")
+    assert f"p.gpkg: column pid must hold integers; bad value {bad}" in str(info.value)
+
+
+def test_pids_at_the_int64_limits_are_kept_exactly():
+    """Planted bugs: INT64_MAX = 2**63 - 1 -> 2**63 + 1 or INT64_MIN off by one; `>= INT64_MIN` -> `>`."""
+    from cbm_core.model import int64_ids
+
+    top, bottom = 2**63 - 1, -(2**63)
+    assert int64_ids(pd.Series(np.array([1, top], dtype=np.uint64)), "p").tolist() == [1, top]
+    mixed = pd.Series([str(top), str(bottom), " 7 ", "8.0", np.int32(9)], dtype=object)
+    assert int64_ids(mixed, "p").tolist() == [top, bottom, 7, 8, 9]
+    assert int64_ids(pd.Series([1.0, float(bottom)]), "p").tolist() == [1, bottom]
+    assert int64_ids(pd.Series(np.array([3, 4], dtype=np.int16)), "p").dtype == np.int64
+    with pytest.raises(InputError):
+        int64_ids(pd.Series([str(top + 1)], dtype=object), "p")
+    with pytest.raises(InputError):
+        int64_ids(pd.Series([str(bottom - 1)], dtype=object), "p")
+
+
+def test_points_and_lines_are_refused_or_noted_and_degrees_are_checked():
+    """A table of points covers no pixel (refused); a stray line is the parcel's issue; metres
+    labelled EPSG:4326 are refused; outlines=False accepts points. Planted bugs: `not areal.all()`
+    -> `areal.all()`; `or` -> `and` in the degree check; `> lon` -> `>= lon`."""
+    declared = {"pid": [1, 2], "crop_code": "1", "crop_name": "g"}
+    points = gpd.GeoDataFrame(declared, geometry=[shapely.Point(0, 0), shapely.Point(1, 1)], crs="EPSG:32631")
+    with pytest.raises(InputError, match=r"p: parcels must be polygons, found Point \(pid 1\)"):
+        validate_parcels(points, "p")
+    assert len(validate_parcels(points, "p", outlines=False)) == 2
+    mixed = points.set_geometry([shapely.box(0, 0, 10, 10), shapely.LineString([(0, 0), (5, 5)])])
+    issue = validate_parcels(mixed, "p")["issue"].tolist()
+    assert issue == ["", "not a polygon (LineString): covers no pixel"]
+    for lon, lat in ((181.0, 10.0), (10.0, 91.0), (643300.0, 10.0)):
+        box = shapely.box(lon - 1, lat - 1, lon, lat)
+        wrong = gpd.GeoDataFrame(
+            {"pid": [1], "crop_code": "1", "crop_name": "g"}, geometry=[box], crs="EPSG:4326"
+        )
+        with pytest.raises(InputError, match="are not longitude/latitude although the CRS is EPSG:4326"):
+            validate_parcels(wrong, "p")
+    edge = gpd.GeoDataFrame({"pid": [1], "crop_code": "1", "crop_name": "g"},
+                            geometry=[shapely.box(179, 89, 180, 90)], crs="EPSG:4326")  # fmt: skip
+    assert len(validate_parcels(edge, "p")) == 1
+
+
+def test_a_repair_that_yields_a_multipolygon_keeps_both_parts():
+    """make_valid can return a collection holding a MultiPolygon and a stray line. Planted bug:
+    'MultiPolygon' dropped from the kept part types (the whole parcel became empty)."""
+    pinched = shapely.Polygon(
+        [(0, 0), (4, 0), (4, 4), (5, 5), (9, 5), (9, 9), (5, 9), (5, 5), (4, 4), (0, 4), (0, 0)]
+    )
+    table = gpd.GeoDataFrame(
+        {"pid": [1], "crop_code": "1", "crop_name": "g"}, geometry=[pinched], crs="EPSG:32631"
+    )
+    repaired = validate_parcels(table, "p").geometry.iloc[0]
+    assert repaired.area == 32.0 and repaired.geom_type == "MultiPolygon"
+
+
+def test_scl_reasons_name_each_group():
+    """Planted bugs: a group name changed ('defective', 'snow'); snow's class 11 -> 12."""
+    hist = scl_rows({1: 100}, {11: 100}, {3: 100}, {0: 100})
+    got = screen(days=range(4), pids=[1, 2, 3, 4], hist=hist)
+    assert got.reason.tolist() == ["SCL defective 100% > 5%", "SCL snow 100% > 5%", "SCL shadow 100% > 5%",
+                                   "SCL no data 100% > 5%"]  # fmt: skip
+
+
+def test_policy_screen_edge_cases():
+    """Planted bugs: `max_haze/dip is False` test no longer limited to those keys (False accepted
+    as a share); `value > 1` -> `value > 0`; the one-per-day comparison shifted (`[:-1]` ->
+    `[:1]`); the Screening result not frozen."""
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="'max_unusable_share' must be a non-negative number, got False"):
+        ValidityPolicy.from_table({"max_unusable_share": False})
+    assert ValidityPolicy.from_table({"max_unusable_share": 0.5}).max_unusable_share == 0.5
+    assert ValidityPolicy.from_table({"max_unusable_share": 1}).max_unusable_share == 1.0
+    hist = scl_rows({4: 98, 9: 2}, {4: 99, 9: 1}, {4: 99, 9: 1}, {4: 98, 9: 2})
+    twice = screen(days=[3.1, 3.2, 3.3, 3.4], pids=[1, 1, 2, 2], hist=hist)
+    assert twice.valid.tolist() == [False, True, True, False]
+    empty = screen(days=[], pids=[], hist=np.zeros((0, 12)))
+    assert len(empty.valid) == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        empty.valid = None
