@@ -50,6 +50,8 @@ SHAPES = (
     shapely.box(600001, 5000001, 600004, 5000004),  # holds no pixel centre
     shapely.box(610000, 5000000, 610100, 5000100),  # outside the window
     shapely.box(600100, 5000000, 600200, 5000001),  # only touches the lower edge band
+    shapely.box(600004.9, 5000100.2, 600016.1, 5000113.3),  # rounding drops a column: the margin keeps it
+    shapely.box(600001, 5000051, 600009, 5000059),  # one pixel, in the window's first column
 )
 
 
@@ -86,10 +88,11 @@ def reference(frame: gpd.GeoDataFrame, bands: dict[str, np.ndarray], nodata=None
 def test_reference_statistics_are_numpy_on_the_pixel_centres_inside(scale, offset):
     """Every statistic of every parcel equals numpy on exactly the pixels whose centre lies in the
     polygon, then scaled. Planted bugs: the `+ 1` margin of the sub-window dropped (edge pixels
-    lost); `scale < 0` -> `scale > 0` (min/max not swapped); `abs(scale)` dropped from std;
-    `np.percentile` at 25/50/75 -> 25/50/76."""
+    lost: parcel 7); the window's left edge taken one pixel in (parcel 8 lost); `scale < 0` ->
+    `scale > 0` (min/max not swapped); `abs(scale)` dropped from std; `np.percentile` at
+    25/50/75 -> 25/50/76."""
     got = reference(parcels(*SHAPES), {"B04": VALUES}, scale=scale, offset=offset).stats.set_index("pid")
-    assert sorted(got.index) == [1, 2, 3, 4, 6]  # the parcel outside the window has no row
+    assert sorted(got.index) == [1, 2, 3, 4, 6, 7, 8]  # the parcel outside the window has no row
     for pid, geom in enumerate(SHAPES, start=1):
         if pid == 5:
             continue
