@@ -851,7 +851,7 @@ _COARSE = 64  # coarse histogram bins per parcel in the integer kernel
 
 
 @njit(parallel=True, cache=True)
-def _stats_int16(flat, run_start, run_length, offsets, shift, nodata_key, out):
+def _stats_int16(flat, run_start, run_length, offsets, parcels, shift, nodata_key, out):
     """Statistics of 8/16-bit integer pixels without sorting (a radix select).
 
     Pass 1: moments, min, max. Pass 2: a <= 64-bin histogram of (v - min) >> s, which locates
@@ -861,7 +861,7 @@ def _stats_int16(flat, run_start, run_length, offsets, shift, nodata_key, out):
     Percentiles interpolate like numpy's linear method, but in float64 throughout: numpy's own
     integer path subtracts in the pixel type and overflows for int16 values > 32767 apart.
     """
-    n = len(offsets) - 1
+    n = len(parcels)  # the parcels to reduce (positions in the index), any order
     qs = (0.25, 0.5, 0.75)
     for chunk in prange((n + _CHUNK - 1) // _CHUNK):
         coarse = np.zeros(_COARSE, np.int32)
@@ -872,7 +872,8 @@ def _stats_int16(flat, run_start, run_length, offsets, shift, nodata_key, out):
         bins = np.zeros(6, np.int64)
         rests = np.zeros(6, np.int64)
         values = np.zeros(6, np.int64)
-        for p in range(chunk * _CHUNK, min(n, (chunk + 1) * _CHUNK)):
+        for at in range(chunk * _CHUNK, min(n, (chunk + 1) * _CHUNK)):
+            p = parcels[at]
             r0, r1 = offsets[p], offsets[p + 1]
             if r0 == r1:
                 out[p, 0] = 0
@@ -971,13 +972,14 @@ def _stats_int16(flat, run_start, run_length, offsets, shift, nodata_key, out):
 
 
 @njit(parallel=True, cache=True)
-def _stats_sorted(flat, run_start, run_length, offsets, nodata, has_nodata, longest, out):
+def _stats_sorted(flat, run_start, run_length, offsets, parcels, nodata, has_nodata, longest, out):
     """Statistics of any numeric pixels: gather the valid values, sort, read ranks off the sort."""
-    n = len(offsets) - 1
+    n = len(parcels)  # the parcels to reduce (positions in the index), any order
     qs = (0.25, 0.5, 0.75)
     for chunk in prange((n + _CHUNK - 1) // _CHUNK):
         buf = np.empty(longest, np.float64)
-        for p in range(chunk * _CHUNK, min(n, (chunk + 1) * _CHUNK)):
+        for at in range(chunk * _CHUNK, min(n, (chunk + 1) * _CHUNK)):
+            p = parcels[at]
             count = 0
             total = 0.0
             for r in range(offsets[p], offsets[p + 1]):
@@ -1033,28 +1035,37 @@ _RADIX_SHIFT = {
 }
 
 
-def zonal_stats(array: np.ndarray, index: PixelIndex, nodata: float | None) -> np.ndarray:
+def zonal_stats(
+    array: np.ndarray,
+    index: PixelIndex,
+    nodata: float | None,
+    parcels: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Per-parcel statistics (columns as model.STATS) in the array's own units, as float64.
 
     Pixels equal to nodata and NaN pixels are excluded; parcels without valid pixels get count 0
-    and NaN statistics.
+    and NaN statistics. With ``parcels`` (positions in the index) only those rows of ``out`` (all
+    of the index's rows) are computed: the pipelined read reduces parcels as their rows decode.
     """
     if array.shape[:2] != index.grid.shape:
         raise ValueError(f"array shape {array.shape} does not match the index grid {index.grid.shape}")
     flat = np.ascontiguousarray(array).reshape(-1)
-    out = np.empty((len(index), len(STATS)), np.float64)
-    if len(index) == 0:
+    if out is None:
+        out = np.empty((len(index), len(STATS)), np.float64)
+    parcels = np.arange(len(index), dtype=np.int64) if parcels is None else np.asarray(parcels, np.int64)
+    if len(parcels) == 0:
         return out
     shift = _RADIX_SHIFT.get(flat.dtype)
     if shift is not None:
         info = np.iinfo(flat.dtype)
         usable = nodata is not None and np.isfinite(nodata) and float(nodata).is_integer()
         nodata_key = int(nodata) + shift if usable and info.min <= nodata <= info.max else -1
-        _stats_int16(flat, index.run_start, index.run_length, index.offsets, shift, nodata_key, out)
+        _stats_int16(flat, index.run_start, index.run_length, index.offsets, parcels, shift, nodata_key, out)
         return out
     if not np.issubdtype(flat.dtype, np.number) or np.issubdtype(flat.dtype, np.complexfloating):
         raise InputError(f"cannot compute statistics of {flat.dtype} pixels")
-    longest = int(index.pixel_counts().max(initial=0))
+    longest = int(index.pixel_counts()[parcels].max(initial=0))
     # Compare with nodata in the pixels' own type, as numpy's `array == nodata` does.
     has_nodata = nodata is not None and not np.isnan(nodata)
     if has_nodata and np.issubdtype(flat.dtype, np.integer):
@@ -1062,7 +1073,15 @@ def zonal_stats(array: np.ndarray, index: PixelIndex, nodata: float | None) -> n
         has_nodata = float(nodata).is_integer() and info.min <= nodata <= info.max
     value = float(flat.dtype.type(nodata)) if has_nodata else 0.0
     _stats_sorted(
-        flat, index.run_start, index.run_length, index.offsets, value, has_nodata, max(longest, 1), out
+        flat,
+        index.run_start,
+        index.run_length,
+        index.offsets,
+        parcels,
+        value,
+        has_nodata,
+        max(longest, 1),
+        out,
     )
     return out
 
@@ -1251,7 +1270,7 @@ class _CoveragePlan:
             if self.frame is None:
                 return None
             frame, index = self.frame, self.index
-        order, last_rows, ordered = row_stripes(index)
+        order, last_rows = row_stripes(index)
         nodata = nodata_of(frame)
         out = np.empty((len(index), len(STATS)), np.float64)
         worth = max(MIN_STRIPE_PARCELS, len(index) // STRIPES_PER_WINDOW)
@@ -1264,9 +1283,7 @@ class _CoveragePlan:
                 return out  # the read failed part-way: the caller raises its error
             upto = len(index) if finished else int(np.searchsorted(last_rows, seen, side="left"))
             if upto > reduced and (finished or upto - reduced >= worth):
-                part = PixelIndex(index.grid, ordered.pids[reduced:upto], ordered.offsets[reduced : upto + 1],
-                                  ordered.run_start, ordered.run_length, index.key)  # fmt: skip
-                out[order[reduced:upto]] = zonal_stats(frame.array, part, nodata)
+                zonal_stats(frame.array, index, nodata, parcels=order[reduced:upto], out=out)
                 reduced = upto
         return out
 
@@ -1291,22 +1308,17 @@ def block_coverage(index: PixelIndex, row_edges: np.ndarray, col_edges: np.ndarr
     return index.derived[key]
 
 
-def row_stripes(index: PixelIndex) -> tuple[np.ndarray, np.ndarray, PixelIndex]:
-    """The index reordered by each parcel's last pixel row: (order, sorted last rows, reordered
-    index), so the parcels complete once rows [0, r) are decoded are a prefix."""
+def row_stripes(index: PixelIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(parcel positions ordered by their last pixel row, those rows): the parcels finished once
+    rows [0, r) are decoded are a prefix of the order. Computed once per index, no copy of it."""
     if "stripes" not in index.derived:
         width = max(1, index.grid.shape[1])
         counts = np.diff(index.offsets)
         last = np.full(len(index), -1, np.int64)
         has = counts > 0
         last[has] = index.run_start[index.offsets[1:][has] - 1] // width  # runs go row by row
-        order = np.argsort(last, kind="stable")
-        new_counts = counts[order]
-        offsets = np.concatenate([[0], np.cumsum(new_counts)]).astype(np.int64)
-        gather = np.repeat(index.offsets[:-1][order] - offsets[:-1], new_counts) + np.arange(offsets[-1])
-        ordered = PixelIndex(index.grid, index.pids[order], offsets, index.run_start[gather],
-                             index.run_length[gather], index.key)  # fmt: skip
-        index.derived["stripes"] = (order, last[order], ordered)
+        order = np.argsort(last, kind="stable").astype(np.int64)
+        index.derived["stripes"] = (order, last[order])
     return index.derived["stripes"]
 
 
