@@ -405,3 +405,30 @@ def test_a_user_of_another_aoi_sees_nothing(browser, server: CbmServer) -> None:
     time.sleep(0.5)
     assert "may not read" in browser.find_element("css selector", "body").text
     assert not browser.find_elements("css selector", "canvas.parcel-tile")
+
+
+def test_the_panel_shows_weather_when_the_run_names_a_source(demo: Path, tmp_path: Path, browser) -> None:
+    """[analyst] meteo (the real 2018 West-Flanders AgERA5 days placed on the demo's April 2023)."""
+    real = pd.read_csv(Path(__file__).parent / "data" / "flanders-meteo" / "agera5-2018.csv")
+    april = real[real["date"].str.startswith("2018-04")].assign(
+        lon=5.05, lat=51.2, date=lambda f: f["date"].str.replace("2018", "2023")
+    )
+    april.to_csv(tmp_path / "meteo.csv", index=False)
+    config = demo.with_name("run-meteo.toml")
+    text = demo.read_text().replace(
+        "[analyst]\n", f'[analyst]\nmeteo = {{ plugin = "meteo", path = "{tmp_path / "meteo.csv"}" }}\n'
+    )
+    config.write_text(text)
+    bench = Workbench(open_run(config))
+    panels = bench.panels([4, OUTSIDE])
+    first, last = bench.run.period()
+    shown = april[(april["date"] >= f"{first:%Y-%m-%d}") & (april["date"] <= f"{last:%Y-%m-%d}")]
+    assert panels[4]["weather"]["dates"] == list(shown["date"])
+    np.testing.assert_allclose(panels[4]["weather"]["prec"], shown["prec"])
+    assert panels[OUTSIDE]["weather"]["dates"] == []  # outside the cells: none, never a neighbour's
+    export(config, tmp_path / "wb", chips="none", background_tiles=False)
+    open_page(browser, (tmp_path / "wb" / "index.html").as_uri() + "#pid=4")
+    wait(browser, "return CBM.panelPid === 4", "the link did not open the parcel")
+    rain = browser.find_elements("css selector", "#panel svg.series rect.rain")
+    assert len(rain) == int((shown["prec"] > 0).sum()) > 0
+    assert browser.find_elements("css selector", "#panel svg.series polyline.temperature")

@@ -256,6 +256,7 @@ class Workbench:
                 ),
                 "bs": _columns(obs["bs"], {"VV_dB": "VV", "VH_dB": "VH"}),
                 "c6": _columns(obs["c6"], {"VV": "VV", "VH": "VH"}),
+                "weather": self.weather(pid),
                 "markers": [
                     {
                         "marker": str(m.marker),
@@ -272,6 +273,20 @@ class Workbench:
                 "peers": self.peer_band(row["crop"]),
             }
         return out
+
+    def weather(self, pid: int) -> dict[str, list]:
+        """Daily precipitation and mean temperature at the parcel when the run names a weather source
+        ([analyst] meteo); empty lists without one or outside its cells."""
+        if self.run.config.analyst.get("meteo") is None:
+            return {"dates": [], "prec": [], "tmean": []}
+        daily = self.run.weather(pid)
+        if daily.empty:
+            return {"dates": [], "prec": [], "tmean": []}
+        return {
+            "dates": [f"{pd.Timestamp(d):%Y-%m-%d}" for d in daily["meteo_date"]],
+            "prec": _rounded(daily["prec"]),
+            "tmean": _rounded(daily["tmean"]),
+        }
 
     def peer_band(self, crop: str) -> dict[str, Any]:
         """The valid NDVI of (a sample of) the parcels declared with a crop: 10/50/90 % per date."""

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 from fastapi import APIRouter, FastAPI
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, ORJSONResponse, Response
@@ -57,7 +58,7 @@ def bench_of(ds: Dataset) -> Workbench:
                 out_dir=ds.results.parent if ds.results is not None else Path("."),
                 source=ds.source,
                 store=ds.store,
-                extract=tuple(PluginConfig("served", {"card": c}) for c in cards),
+                extract=original.extract if original else tuple(_job(catalogue, c) for c in cards),
                 scheme=original.scheme if original else None,
                 scheme_ref=original.scheme_ref if original else None,
             )
@@ -74,6 +75,15 @@ def bench_of(ds: Dataset) -> Workbench:
                 del _benches[old]
             _benches[key] = Workbench(run, title=f"{ds.aoi} {ds.year}")
         return _benches[key]
+
+
+def _job(catalogue: pd.DataFrame, card: str) -> PluginConfig:
+    """An extraction job naming a card and its bands (for a dataset served without its run's
+    configuration: what the plots and the validity policy read of the jobs)."""
+    bands = sorted(
+        {b for refs in catalogue.loc[catalogue["card"].astype(str) == card, "bands"] for b in refs}
+    )
+    return PluginConfig("zonal", {"card": card, "bands": bands}, where=f"[dataset] {card}")
 
 
 def _run_config(ds: Dataset) -> RunConfig | None:

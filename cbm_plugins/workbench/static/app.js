@@ -393,8 +393,11 @@
     if (d.s2.dates.length) panels.push({ title: "Sentinel-2 NDVI", kind: "s2", lo: -0.1, hi: 1 });
     if (d.bs.dates.length) panels.push({ title: "Sentinel-1 backscatter (dB)", kind: "bs" });
     if (d.c6.dates.length) panels.push({ title: "Sentinel-1 coherence", kind: "c6", lo: 0, hi: 1 });
+    const w = d.weather || { dates: [] };
+    if (w.dates.length) panels.splice(1, 0, { title: "Weather: daily precipitation (mm), mean temperature (°C)", kind: "weather" });
     if (!panels.length) return `<p class="note">No observations of this parcel to plot.</p>`;
     const all = [...d.s2.dates, ...d.bs.dates, ...d.c6.dates, ...d.peers.dates].map((t) => Date.parse(t));
+    if (!all.length) all.push(...w.dates.map((t) => Date.parse(t)));
     const t0 = Math.min(...all) - 2 * 864e5, t1 = Math.max(...all) + 2 * 864e5;
     const W = 450, L0 = 34, R = 8, H = 110, GAP = 26;
     const x = (t) => L0 + ((Date.parse(t) - t0) / (t1 - t0)) * (W - L0 - R);
@@ -406,6 +409,11 @@
         const v = [...d.bs.VV, ...d.bs.VH].filter((a) => a !== null);
         lo = Math.floor(Math.min(...v) - 1);
         hi = Math.ceil(Math.max(...v) + 1);
+      }
+      if (panel.kind === "weather") {
+        const v = [...w.prec, ...w.tmean].filter((a) => a !== null);
+        lo = Math.min(0, Math.floor(Math.min(...v)));
+        hi = Math.ceil(Math.max(...v, 1));
       }
       const y = (v) => top + H - ((v - lo) / (hi - lo)) * H;
       svg += `<text x="${L0}" y="${top - 4}" font-weight="bold">${panel.title}</text><rect x="${L0}" y="${top}" width="${W - L0 - R}" height="${H}" fill="none" stroke="#cfd8dc"/>`;
@@ -437,6 +445,16 @@
           else svg += `<path class="obs rejected" d="M${x(t) - 3},${y(v) - 3}l6,6m0,-6l-6,6" stroke="#757575" stroke-width="1.5"><title>${tip}</title></path>`;
           if (s.used[i]) svg += `<circle cx="${x(t)}" cy="${y(v)}" r="6.5" fill="none" stroke="#6a1b9a" stroke-width="1.5"><title>${tip}</title></circle>`;
         });
+      } else if (panel.kind === "weather") {
+        const bar = Math.max(1.5, ((W - L0 - R) / Math.max(1, (t1 - t0) / 864e5)) * 0.7);
+        w.dates.forEach((t, i) => {
+          const v = w.prec[i];
+          if (v === null || v <= 0) return;
+          svg += `<rect class="rain" x="${x(t) - bar / 2}" y="${y(v)}" width="${bar}" height="${Math.max(0.5, y(0) - y(v))}" fill="#1e88e5"><title>${t} precipitation ${v} mm</title></rect>`;
+        });
+        const temp = w.dates.map((t, i) => [t, w.tmean[i]]).filter(([, v]) => v !== null);
+        svg += `<polyline class="temperature" points="${temp.map(([t, v]) => `${x(t)},${y(v)}`).join(" ")}" fill="none" stroke="#d84315"><title>mean temperature</title></polyline>`;
+        svg += `<text x="${W - R - 4}" y="${top + 12}" text-anchor="end"><tspan fill="#1e88e5">rain</tspan> <tspan fill="#d84315">tmean</tspan></text>`;
       } else {
         const s = d[panel.kind];
         [["VV", "#1565c0"], ["VH", "#e65100"]].forEach(([band, c]) => {
