@@ -182,3 +182,54 @@ def test_size_limits_answer_411_413_414_before_any_handler(client):
     long = client.get(f"/query/parcelByID?{query}{'a' * (601 - len(query))}", auth=ANN)
     assert long.status_code == 414 and long.json() == {"error": "query string longer than 600 bytes"}
     assert client.get("/health").status_code == 200
+
+
+# The users file (cbm_plugins/serve/_users.py), as `cbm users` and the server read it -------------
+
+
+def test_users_are_stored_as_documented_salted_scrypt_hashes(tmp_path):
+    """docs/rest-api.md: salted scrypt, n = 2^14; only the owner may read the file. Planted bugs:
+    n 2^14 -> 2^15, r 8 -> 9, a 17-byte salt, a 33-byte key, the owner-only mode, the folder not
+    created."""
+    import json
+    import stat
+
+    from cbm_plugins.serve._users import read_users
+
+    path = tmp_path / "new" / "folder" / "users.json"
+    write_users(path, {"ann": make_user("ann", "8 chars!", ["fl"])})
+    stored = json.loads(path.read_text())["users"]["ann"]
+    assert (stored["n"], stored["r"], stored["p"]) == (2**14, 8, 1)
+    assert len(bytes.fromhex(stored["salt"])) == 16 and len(bytes.fromhex(stored["hash"])) == 32
+    assert stored["aois"] == ["fl"] and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_users(path)["ann"].aois == ("fl",)
+    assert make_user("bob", "8 chars!", ["fl"]).salt != read_users(path)["ann"].salt
+    with pytest.raises(Exception, match="8 characters"):
+        make_user("eve", "7 chars", ["fl"])
+
+
+@pytest.mark.parametrize("aois", [[], [""], ["fl", 3], "fl"])
+def test_a_users_file_with_bad_aois_is_refused(tmp_path, aois):
+    """Planted bugs: the empty-name and non-text checks of the aoi list dropped."""
+    import json
+
+    from cbm_core.errors import ConfigError
+    from cbm_plugins.serve._users import read_users
+
+    path = tmp_path / "users.json"
+    write_users(path, {"ann": make_user("ann", PASSWORD, ["fl"])})
+    data = json.loads(path.read_text())
+    data["users"]["ann"]["aois"] = aois
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match='"aois" must be a non-empty list of aoi names'):
+        read_users(path)
+
+
+def test_a_missing_users_file_lets_nobody_in_until_it_appears(tmp_path):
+    """Planted bug: the stamp of a missing file equal to a real one (the users never re-read)."""
+    from cbm_plugins.serve._users import Authenticator
+
+    auth = Authenticator(tmp_path / "users.json")
+    assert auth.check("ann", PASSWORD) is None
+    write_users(tmp_path / "users.json", {"ann": make_user("ann", PASSWORD, ["fl"])})
+    assert auth.check("ann", PASSWORD).name == "ann"
