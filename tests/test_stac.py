@@ -74,8 +74,9 @@ def items(href_base: str) -> list[dict]:
             cdse = {f"{b}_{10 if b in ('B04', 'B08', 'AOT') else 20}m": asset(b) for b in EARTH_SEARCH}
             out.append({**base, "id": scene.obsid + "_cdse", "collection": "cdse-l2a", "assets": cdse})
         else:
+            state = scene.orbit if isinstance(scene.orbit, str) else None  # NaN is not JSON
             out.append({**base, "collection": "sentinel-1-grd",
-                        "properties": {**base["properties"], "sat:orbit_state": scene.orbit},
+                        "properties": {**base["properties"], "sat:orbit_state": state},
                         "assets": {"vv": asset("VV"), "vh": asset("VH")}})  # fmt: skip
     return out
 
@@ -99,7 +100,12 @@ class RustacServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        wait_for_port(self.port, process=self.process)
+        try:
+            wait_for_port(self.port, process=self.process)
+        except ServerError as exc:
+            raise ServerError(
+                f"{exc}: {self.process.stderr.read().decode(errors='replace')[-2000:]}"
+            ) from None
         return self
 
     def stop(self) -> None:
