@@ -183,6 +183,36 @@ EQUIVALENTS = [
         "obsids of an event are always a JSON list (model.to_json of a tuple)",
     ),
     (
+        "model",
+        "validate_signatures",
+        "'count' -> 'XXcountXX'",
+        "the float64 cast it guards is overridden by the int64 cast of count that follows",
+    ),
+    (
+        "model",
+        "_checked_geometries",
+        "'parcels' -> 'XXparcelsXX'",
+        "a default for `what` that no caller uses (validate_parcels always names the table)",
+    ),
+    (
+        "model",
+        "ValidityPolicy.screen",
+        "self.require_scl and missing.any() -> self.require_scl",
+        "assigning through an all-false mask changes nothing",
+    ),
+    (
+        "model",
+        "ValidityPolicy.screen",
+        "ndvi is not None and self.dip is not None -> self.dip is not None",
+        "np.asarray(None, float) is NaN: without a finite NDVI no dip is found either way",
+    ),
+    (
+        "model",
+        "ValidityPolicy.screen",
+        "hist is not None and n -> hist is not None",
+        "with no observation every array is empty: the SCL screen does nothing either way",
+    ),
+    (
         "zonal",
         "_parcel_values",
         r"re:^window\.transform @ .* -> window\.transform \* ",
