@@ -67,8 +67,8 @@ def test_the_plugin_adds_its_commands():
 def test_datasets_are_found_by_aoi_and_year_and_guarded_per_aoi(client):
     """A user reads only the datasets of his aois; asking for an unknown dataset of an aoi he may
     not read is 403 like a known one (no probing which datasets exist). Planted bugs: the per-aoi
-    check removed; `aoi is None or who.may_read(aoi)` -> `aoi is None` (404 told bob fl/2019
-    does not exist)."""
+    check removed; the 404 branch not asking may_read (404 told bob fl/2019 does not exist); the
+    legacy <aoi><year> split dropped (ann's own fl2019 answered 403)."""
     path, pid = "/query/parcelByID", {"pid": 7}
     assert get(client, path, **FL, **pid).json()["pid"] == ["7"]  # JRC: pids are text
     assert get(client, path, aoi="FL", year=2023, **pid).status_code == 200  # aois are case-insensitive
@@ -83,6 +83,10 @@ def test_datasets_are_found_by_aoi_and_year_and_guarded_per_aoi(client):
     assert get(client, path, parcels="xx2023", **pid).status_code == 403  # legacy form: never reveals
     no_year = get(client, path, aoi="fl", **pid)
     assert no_year.status_code == 400 and "give aoi and year" in no_year.json()["error"]
+    assert get(client, path, year=2023, **pid).status_code == 400  # a year alone names nothing
+    assert get(client, path, **pid).status_code == 400
+    assert get(client, path, parcels="fl2019", **pid).status_code == 404  # legacy form, ann's own aoi
+    assert get(client, path, **FL, parcels="xx2023", **pid).status_code == 200  # aoi and year win
     for endpoint in ("/query/parcelTimeSeries", "/query/markerResults", "/query/verdicts"):
         assert get(client, endpoint, auth=BOB, **FL, **pid).status_code == 403, endpoint
 
