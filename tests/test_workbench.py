@@ -432,3 +432,40 @@ def test_the_panel_shows_weather_when_the_run_names_a_source(demo: Path, tmp_pat
     rain = browser.find_elements("css selector", "#panel svg.series rect.rain")
     assert len(rain) == int((shown["prec"] > 0).sum()) > 0
     assert browser.find_elements("css selector", "#panel svg.series polyline.temperature")
+
+
+def test_a_raster_orthophoto_gives_map_tiles_and_the_report_map_background(
+    demo: Path, tmp_path: Path
+) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from cbm_plugins.analyst._report import _location_map
+    from cbm_plugins.workbench._data import tile_key
+    from cbm_plugins.workbench._tiles import render_tile
+
+    ortho = tmp_path / "ortho.tif"
+    parcel = open_run(demo).parcel(4).geometry
+    x0, _, _, y1 = parcel.buffer(600).bounds
+    pixels = np.zeros((3, 600, 600), dtype="uint8")
+    pixels[0], pixels[1, :300], pixels[2, :, :300] = 200, 150, 90  # a pattern, not a blank
+    profile = {
+        "driver": "GTiff",
+        "width": 600,
+        "height": 600,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32631",
+    }
+    with rasterio.open(ortho, "w", transform=from_origin(x0, y1, 2.0, 2.0), **profile) as dst:
+        dst.write(pixels)
+    config = demo.with_name("run-ortho.toml")
+    config.write_text(demo.read_text().replace("http://127.0.0.1:9/ortho/{z}/{x}/{y}.png", str(ortho)))
+    done = open_run(config)
+    centre = gpd.GeoSeries([parcel.centroid], crs=done.parcels.crs).to_crs(4326).iloc[0]
+    x, y = tile_key(centre.x, centre.y, 16)
+    image = imread(io.BytesIO(render_tile(done, "ortho", "ortho", 16, x, y)))
+    assert image.shape == (256, 256, 4) and image[..., 3].min() == 1.0  # opaque over the orthophoto
+    assert abs(float(image[128, 128, 0]) - 200 / 255) < 0.02
+    words = " ".join(t.get_text() for t in _location_map(done, 4).findobj(lambda a: hasattr(a, "get_text")))
+    assert "background: orthophoto" in words

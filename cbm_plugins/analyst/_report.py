@@ -267,7 +267,8 @@ def _location_map(done: FinishedRun, pid: int) -> Figure:
     crs = picture.crs if picture is not None else metric.crs
     if picture is not None:
         draw_chip(ax, picture, outline, size=256, scale_bar=False)
-        ax.set_title(f"background: Sentinel-2 {picture.date:%Y-%m-%d}", fontsize=7)
+        source = "orthophoto" if picture.kind == "rgb" else f"Sentinel-2 {picture.date:%Y-%m-%d}"
+        ax.set_title(f"background: {source}", fontsize=7)
         left, right = ax.get_xlim()
         bottom, top = ax.get_ylim()
     else:

@@ -9,10 +9,11 @@ outside the imagery are transparent.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
-from rio_tiler.errors import TileOutsideBounds
+from rio_tiler.errors import NoOverviewWarning, TileOutsideBounds
 from rio_tiler.io import Reader
 from rio_tiler.models import ImageData
 
@@ -61,7 +62,13 @@ def backgrounds(run: FinishedRun, dates: list[dict[str, Any]]) -> list[dict[str,
 
 def render_tile(run: FinishedRun, layer: str, obsid: str, z: int, x: int, y: int) -> bytes:
     """One 256 px PNG tile of a layer on a scene (transparent outside the imagery)."""
-    if not MIN_ZOOM <= z <= MAX_ZOOM:
+    with warnings.catch_warnings():
+        # a run's chips and small scenes often have no overviews: zoomed-out tiles read more pixels
+        warnings.simplefilter("ignore", NoOverviewWarning)
+        return _render(run, layer, obsid, z, x, y)
+
+
+def _render(run: FinishedRun, layer: str, obsid: str, z: int, x: int, y: int) -> bytes:    if not MIN_ZOOM <= z <= MAX_ZOOM:
         return EMPTY_PNG
     if layer == "ortho":
         return _ortho_tile(run, z, x, y)
