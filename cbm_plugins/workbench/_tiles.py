@@ -68,7 +68,8 @@ def render_tile(run: FinishedRun, layer: str, obsid: str, z: int, x: int, y: int
         return _render(run, layer, obsid, z, x, y)
 
 
-def _render(run: FinishedRun, layer: str, obsid: str, z: int, x: int, y: int) -> bytes:    if not MIN_ZOOM <= z <= MAX_ZOOM:
+def _render(run: FinishedRun, layer: str, obsid: str, z: int, x: int, y: int) -> bytes:
+    if not MIN_ZOOM <= z <= MAX_ZOOM:
         return EMPTY_PNG
     if layer == "ortho":
         return _ortho_tile(run, z, x, y)
