@@ -64,7 +64,10 @@ def assert_same(result, reference) -> None:
 def local(tmp_path_factory):
     source = f'plugin = "local"\nparcels = "{DEMO / "parcels.gpkg"}"\nscenes = "{DEMO / "scenes.csv"}"'
     result = run_with(tmp_path_factory.mktemp("local"), source)
-    assert len(result.series.stats) > 0 and set(result.verdicts["light"]) >= {"green", "red"}
+    # April 2023 is honestly yellow everywhere (two valid dates): the comparison bites through the
+    # signatures, compared exactly, which differ from parcel to parcel
+    per_parcel = result.series.stats.groupby("pid")["mean"].mean()
+    assert len(result.series.stats) > 0 and per_parcel.nunique() == len(result.parcels)
     return result
 
 
