@@ -384,6 +384,10 @@ def test_served_workbench_draws_and_opens_a_parcel_with_server_rendered_chips(
         timeout=30,
     )
     assert tile.status_code == 200 and tile.content.startswith(b"\x89PNG")
+    meta = requests.get(
+        f"{server.url}/workbench/fl/2023/data/meta", auth=("ann", PASSWORD), timeout=30
+    ).json()
+    assert "Orthophoto" in [b["name"] for b in meta["backgrounds"]]  # the run's [analyst] table is served
 
 
 def test_a_user_of_another_aoi_sees_nothing(browser, server: CbmServer) -> None:

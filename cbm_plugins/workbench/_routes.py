@@ -61,6 +61,8 @@ def bench_of(ds: Dataset) -> Workbench:
                 extract=original.extract if original else tuple(_job(catalogue, c) for c in cards),
                 scheme=original.scheme if original else None,
                 scheme_ref=original.scheme_ref if original else None,
+                # the run's [analyst] table: its orthophoto and weather source serve the page too
+                **({"analyst": original.analyst} if original else {}),
             )
             verdicts = ds.table("verdicts")
             run = FinishedRun(
