@@ -13,15 +13,20 @@ from cbm_core import logs
 
 
 @pytest.fixture
-def restore_logging(monkeypatch):
-    """configure() changes the root logger and the environment: undo both after the test."""
+def restore_logging():
+    """configure() changes the root logger and the environment (for worker processes): undo both,
+    so that later tests see neither this test's handlers nor its level."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    monkeypatch.delenv(logs.LEVEL_ENV, raising=False)
-    monkeypatch.delenv(logs.FORMAT_ENV, raising=False)
+    saved = {name: os.environ.pop(name, None) for name in (logs.LEVEL_ENV, logs.FORMAT_ENV)}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def test_json_lines_carry_level_logger_message_and_fields(restore_logging):
