@@ -193,6 +193,29 @@ def ensure_store(config: PluginConfig, parcels: int, scenes: int) -> None:
         started = time.perf_counter()
         pg.cluster_signatures(config)
         print(f"cbm db cluster: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    _parcels(config, pg._fetch(config, pg.sql.SQL("SELECT max(pid) FROM bench_hist"), None)[0][0] or parcels)
+
+
+def _parcels(config: PluginConfig, count: int) -> None:
+    """The parcels table the served dataset's source reads (the time-series route resolves the
+    requested parcel id through it): one 150 m square per pid, unless already there."""
+
+    def fill(cur) -> None:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS parcels (pid bigint PRIMARY KEY, cropcode text, cropname text,"
+            " wkb_geometry geometry(Polygon, 32631) NOT NULL)"
+        )
+        cur.execute(
+            "INSERT INTO parcels SELECT p, '1', 'wheat', ST_MakeEnvelope(600000 + mod(p, 1000) * 200,"
+            " 5600000 + (p / 1000) * 200, 600150 + mod(p, 1000) * 200, 5600150 + (p / 1000) * 200, 32631)"
+            " FROM generate_series(1, %s) p ON CONFLICT DO NOTHING",
+            (count,),
+        )
+        cur.execute(
+            "CREATE INDEX IF NOT EXISTS parcels_wkb_geometry_idx ON parcels USING gist (wkb_geometry)"
+        )
+
+    pg.transaction(config, fill)
 
 
 def _fill(config: PluginConfig, parcels: int, scenes: int) -> None:
