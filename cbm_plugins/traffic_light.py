@@ -38,6 +38,8 @@ import geopandas as gpd
 import pandas as pd
 
 from cbm_core import impl
+from cbm_core.config import check_keys, check_table
+from cbm_core.errors import ConfigError
 from cbm_core.model import Light, Status, Verdict
 
 CBM_OPTIONS = frozenset({"markers", "red_if_any_fails"})  # the [rule] options it reads
@@ -57,6 +59,10 @@ def cbm_rule_decide(
     results: pd.DataFrame, parcels: gpd.GeoDataFrame, params: Mapping[str, Any]
 ) -> list[Verdict]:
     per_marker = params.get("markers", {})
+    if not isinstance(per_marker, Mapping):
+        raise ConfigError(f"[rule] markers: expected a table of marker rules, got {per_marker!r}")
+    for name, rule in per_marker.items():  # a misspelt key would silently keep its default
+        check_keys(check_table(rule, f"[rule] markers.{name}"), MARKER_RULE_KEYS, f"[rule] markers.{name}")
     rules = {m: DEFAULT_MARKER_RULE | per_marker.get(m, {}) for m in results["marker"].unique()}
     applies = {m: set(map(str, r["crops"])) for m, r in rules.items() if "crops" in r}
     rows_by_pid: dict[int, list[dict[str, Any]]] = {}

@@ -399,3 +399,12 @@ def test_doctor_checks_a_server_configuration_and_its_users_file(tmp_path):
     assert code == 1 and any(
         line.startswith("fail  users file:") and '"aois" must be' in line for line in lines
     )
+
+
+def test_unknown_key_of_a_per_marker_rule_is_refused(tmp_path):
+    scheme = (
+        '[[marker]]\nplugin = "ndvi_drop"\n'
+        '[rule]\nplugin = "traffic_light"\nmarkers.ndvi_drop = { expect = "event", min_confidance = 0.9 }\n'
+    )
+    line = error_line(invoke("run", "--quiet", str(write_config(tmp_path, scheme=scheme))))
+    assert "[rule] markers.ndvi_drop: unknown key 'min_confidance' (did you mean 'min_confidence'?)" in line
