@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,11 @@ from typing import Any
 from cbm_core.config import RunConfig, load_run_config
 from cbm_core.errors import CbmError
 from cbm_core.locks import LOCK_FILE
+from cbm_core.runs import run_folders
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MISSING_FILES_SHOWN = 3  # band files named in a failure; the rest are counted
+TRIAL_PARCELS = 3  # parcels each extractor is tried on
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,10 @@ def check_run_config(path: Path, engine: Any) -> list[Check]:
         )
     if catalogue is not None:
         checks.extend(_catalogue_checks(engine, config, catalogue, parcels))
+    if catalogue is not None and parcels is not None and not any(c.status == FAIL for c in checks):
+        checks.extend(_trial_extraction(engine, config, catalogue, parcels))
     checks.extend(_store_checks(engine, config))
-    checks.append(_output_check(config.out_dir))
+    checks.extend(_output_check(folder, what) for folder, what in run_folders(config))
     return checks
 
 
@@ -108,6 +113,31 @@ def _catalogue_checks(engine: Any, config: RunConfig, catalogue: Any, parcels: A
     return checks
 
 
+def _trial_extraction(engine: Any, config: RunConfig, catalogue: Any, parcels: Any) -> list[Check]:
+    """Each extractor on a few parcels of its card's first scene, in memory (nothing is stored):
+    catches option values and readers that only fail once extraction starts."""
+    checks = []
+    for job in config.extract:
+        scenes = catalogue[catalogue["card"] == job.get("card")].head(1)
+        if scenes.empty:
+            continue
+        sample = parcels.head(TRIAL_PARCELS)
+        try:
+            signatures, report = engine.extract(sample, scenes, [job], config.source)
+        except CbmError as exc:
+            checks.append(Check(FAIL, f"{job.where}: trial extraction: {exc}"))
+            continue
+        obsid = scenes["obsid"].iloc[0]
+        if report.failed:
+            checks.append(Check(FAIL, f"{job.where}: trial extraction of {obsid}: {report.failed[obsid]}"))
+        else:
+            rows = len(signatures.stats)
+            checks.append(
+                Check(OK if rows else WARN, f"{job.where}: trial extraction of {obsid}: {rows} rows")
+            )
+    return checks
+
+
 def _store_checks(engine: Any, config: RunConfig) -> list[Check]:
     try:
         stored = engine.plugins.caller(config.store.plugin, "cbm_store_obsids", config.store.where)(
@@ -118,15 +148,18 @@ def _store_checks(engine: Any, config: RunConfig) -> list[Check]:
     return [Check(OK, f"store ({config.store.plugin}): reachable, {len(stored)} scenes stored")]
 
 
-def _output_check(folder: Path) -> Check:
-    """Whether the output folder can be made and written, and whether a run holds it now."""
+def _output_check(folder: Path, what: str = "output folder") -> Check:
+    """Whether a folder a run writes can be made and written (tried with a temporary folder in its
+    nearest existing parent, removed at once), and whether a run holds it now."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return Check(FAIL, f"output folder {folder}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return Check(FAIL, f"output folder {folder}: {existing} is not writable")
+        return Check(FAIL, f"{what} {folder}: {existing} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cbm-doctor-", dir=existing))
+    except OSError as exc:
+        return Check(FAIL, f"{what} {folder}: cannot write in {existing} ({exc.strerror or exc})")
     lock = folder / LOCK_FILE
     if lock.exists():
         with open(lock, encoding="utf-8") as handle:
@@ -134,5 +167,5 @@ def _output_check(folder: Path) -> Check:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 fcntl.flock(handle, fcntl.LOCK_UN)
             except BlockingIOError:
-                return Check(WARN, f"output folder {folder}: a run holds it now ({handle.read().strip()})")
-    return Check(OK, f"output folder {folder}: writable")
+                return Check(WARN, f"{what} {folder}: a run holds it now ({handle.read().strip()})")
+    return Check(OK, f"{what} {folder}: writable")

@@ -150,6 +150,8 @@ class Engine:
                 else:
                     report.rows += len(signatures.stats) + len(signatures.scl)
                     parts.append(signatures)
+            except ConfigError:
+                raise  # the configuration is at fault, not the scene: every scene would fail alike
             except CbmError as exc:
                 report.failed[scene.obsid] = str(exc)
                 continue

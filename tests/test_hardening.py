@@ -352,7 +352,7 @@ def test_doctor_passes_a_good_configuration_and_writes_nothing(tmp_path):
     config = write_config(tmp_path)
     code, lines = doctor_lines(str(config))
     assert code == 0, lines
-    assert [line.split()[0] for line in lines] == ["ok"] * 8
+    assert [line.split()[0] for line in lines] == ["ok"] * 10
     assert any("18 of 18 parcels inside a scene footprint" in line for line in lines)
     assert not (tmp_path / "out").exists()
 
@@ -376,7 +376,8 @@ def test_doctor_names_every_problem_it_finds_without_running(tmp_path, demo_dir)
     assert any("bands:" in line and "band 'B99' is in no s2 scene" in line for line in failures)
     assert any("band files: 1 of" in line and "B08.tif" in line for line in failures)
     assert any("output folder" in line and "afile is not a folder" in line for line in failures)
-    assert lines[-1] == f"Error: {config}: 3 of 8 checks failed"
+    assert any(line.startswith("fail  signature store") for line in failures)  # under the output folder
+    assert lines[-1] == f"Error: {config}: 4 of 9 checks failed"
 
 
 def test_doctor_refuses_a_bad_configuration_in_one_failure_line(tmp_path):
@@ -408,3 +409,12 @@ def test_unknown_key_of_a_per_marker_rule_is_refused(tmp_path):
     )
     line = error_line(invoke("run", "--quiet", str(write_config(tmp_path, scheme=scheme))))
     assert "[rule] markers.ndvi_drop: unknown key 'min_confidance' (did you mean 'min_confidence'?)" in line
+
+
+def test_a_bad_extractor_option_value_stops_the_run_and_fails_the_doctor(tmp_path):
+    body = '[[extract]]\ncard = "s2"\nplugin = "s2_l2a"\nbands = ["B04", "B08", "SCL"]\nindices = 5\n'
+    config = write_config(tmp_path, body)
+    line = error_line(invoke("run", "--quiet", str(config)))
+    assert "[[extract]] #1 (plugin 's2_l2a'): option 'indices' must be" in line  # not 12 failed scenes
+    code, lines = doctor_lines(str(config))
+    assert code == 1 and any(line.startswith("fail") and "trial extraction" in line for line in lines)
