@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
+import orjson
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cbm_core.config import RunConfig, Scheme
 from cbm_core.errors import InputError
@@ -64,7 +67,7 @@ def write_outputs(out_dir: Path, verdicts: gpd.GeoDataFrame, results: pd.DataFra
             p, layer="verdicts", driver="GPKG", engine="pyogrio", use_arrow=True
         ),  # through Arrow: 2.5x faster than feature by feature for a country's million verdicts
         "verdicts.csv": lambda p: table.to_csv(p, index=False),
-        "markers.parquet": lambda p: results.to_parquet(p, index=False),
+        "markers.parquet": lambda p: pq.write_table(results_table(results), p),
         "events.parquet": lambda p: events.to_parquet(p, index=False),
         "events.csv": lambda p: events.to_csv(p, index=False),
         "summary.json": lambda p: p.write_text(json.dumps(summary, indent=2, default=str)),
@@ -86,6 +89,73 @@ def write_outputs(out_dir: Path, verdicts: gpd.GeoDataFrame, results: pd.DataFra
     finally:
         for temporary in written.values():
             temporary.unlink(missing_ok=True)
+
+
+# markers.parquet keeps events, obsids and rejected observations as Parquet lists and structs
+# (analysts query them without decoding JSON); values differ per marker and stay JSON text.
+EVENT_TYPE = pa.struct(
+    [("start", pa.date32()), ("main", pa.date32()), ("end", pa.date32()), ("magnitude", pa.float64()),
+     ("confidence", pa.float64()), ("obsids", pa.list_(pa.string())), ("kind", pa.string())]
+)  # fmt: skip
+REJECTED_TYPE = pa.struct([("obsid", pa.string()), ("reason", pa.string())])
+RESULTS_SCHEMA = pa.schema(
+    [("marker", pa.string()), ("pid", pa.int64()), ("status", pa.string()), ("reason", pa.string()),
+     ("events", pa.list_(EVENT_TYPE)), ("values", pa.string()), ("confidence", pa.float64()),
+     ("obsids", pa.list_(pa.string())), ("rejected", pa.list_(REJECTED_TYPE))]
+)  # fmt: skip
+
+
+def results_table(results: pd.DataFrame) -> pa.Table:
+    """The marker results table (JSON text columns in memory) as the structured markers.parquet."""
+
+    def decoded(column: str) -> list:
+        return [orjson.loads(t) if isinstance(t, str) and t else [] for t in results[column]]
+
+    events = [
+        [{**e, **{k: datetime.fromisoformat(e[k]).date() for k in ("start", "main", "end")}} for e in row]
+        for row in decoded("events")
+    ]
+    rejected = [[{"obsid": o, "reason": r} for o, r in row] for row in decoded("rejected")]
+    columns = {
+        "marker": results["marker"].astype(str).tolist(),
+        "pid": results["pid"].astype("int64").tolist(),
+        "status": results["status"].astype(str).tolist(),
+        "reason": results["reason"].astype(str).tolist(),
+        "events": events,
+        "values": results["values"].tolist(),
+        "confidence": results["confidence"].astype(float).tolist(),
+        "obsids": decoded("obsids"),
+        "rejected": rejected,
+    }
+    return pa.table(columns, schema=RESULTS_SCHEMA)
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A markers.parquet (structured, or an older one of JSON text) as the in-memory results table:
+    events, values, obsids and rejected as JSON text, one row per marker and parcel."""
+    frame = pd.read_parquet(path)
+    for column in ("events", "obsids", "rejected"):
+        if column in frame and not frame[column].map(lambda v: isinstance(v, str)).all():
+            frame[column] = [_json_text(v, column) for v in frame[column]]
+    if "rejected" not in frame:
+        frame["rejected"] = "[]"
+    return frame
+
+
+def _json_text(value: Any, column: str) -> str:
+    if value is None:
+        return "[]"
+    items = list(value)
+    if column == "events":
+        items = [
+            {k: (v.isoformat() if hasattr(v, "isoformat") else list(v) if k == "obsids" else v)
+             for k, v in dict(e).items()} for e in items
+        ]  # fmt: skip
+    elif column == "rejected":
+        items = [[e["obsid"], e["reason"]] for e in items]
+    else:
+        items = [str(v) for v in items]
+    return orjson.dumps(items).decode()
 
 
 def describe_error(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from cbm_core.errors import InputError
 from cbm_core.model import MarkerResult, results_frame
+from cbm_core.outputs import read_results
 from cbm_core.pipeline import Engine
 from markers._simulate import simulate
 
@@ -142,6 +143,8 @@ def evaluate_files(
     confusion matrix of the marker's predicted crop (``values.predicted``) against it.
     """
     results = read_table(results_path, "marker results")
+    if Path(results_path).suffix.lower() in (".parquet", ".pq"):
+        results = read_results(results_path)  # events as JSON text, whichever way the file keeps them
     reference = read_table(reference_path, "reference")
     if marker is not None and marker not in set(results["marker"]):
         raise InputError(

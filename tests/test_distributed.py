@@ -36,6 +36,7 @@ from cbm_core.cli import cli
 from cbm_core.config import ClusterConfig, PluginConfig, RunConfig, Scheme, load_run_config
 from cbm_core.errors import ConfigError, InputError
 from cbm_core.model import Signatures
+from cbm_core.outputs import read_results
 from cbm_core.pipeline import Engine
 from cbm_core.plugins import load_plugins
 from extractors import zonal
@@ -124,7 +125,7 @@ def outputs(config) -> dict[str, pd.DataFrame]:
     stats = engine.read_store(config.store).stats
     return {
         "verdicts": pd.read_csv(config.out_dir / "verdicts.csv").sort_values("pid", ignore_index=True),
-        "markers": pd.read_parquet(config.out_dir / "markers.parquet"),
+        "markers": read_results(config.out_dir / "markers.parquet"),
         "stats": stats.sort_values(["pid", "obsid", "band"], ignore_index=True),
     }
 

@@ -166,7 +166,7 @@ def read_chips(
     Examples
     --------
     >>> chips = read_chips("demo/flanders.toml", 7, "2023-04-05", "2023-04-15")  # doctest: +SKIP
-    >>> [c.label for c in chips][:1]  # doctest: +SKIP
+    >>> [c.label for c in chips[:1]]  # doctest: +SKIP
     ['2023-04-05 · 100% valid']
     """
     if kind not in KINDS:

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from cbm_core.config import RunConfig, load_run_config, plugin_config
 from cbm_core.errors import InputError
 from cbm_core.model import HIST_COLUMNS, TimeSeries, ValidityPolicy, time_series
-from cbm_core.outputs import RunResult
+from cbm_core.outputs import RunResult, read_results
 from cbm_core.pipeline import Engine
 
 LIGHT_COLOURS = {"green": "#2e7d32", "yellow": "#f2a900", "red": "#c62828"}
@@ -156,7 +156,7 @@ def open_run(run: RunLike, engine: Engine | None = None) -> FinishedRun:
         engine,
         engine.parcels(config.source),
         engine.catalogue(config.source),
-        pd.read_parquet(out / "markers.parquet"),
+        read_results(out / "markers.parquet"),
         gpd.read_file(out / "verdicts.gpkg", layer="verdicts"),
     )
 

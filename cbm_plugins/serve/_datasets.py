@@ -19,6 +19,7 @@ import shapely
 
 from cbm_core.config import PluginConfig
 from cbm_core.errors import ConfigError
+from cbm_core.outputs import read_results
 from cbm_core.plugins import PluginManager
 from cbm_plugins.serve._files import Files
 from cbm_plugins.serve._http import ApiError
@@ -157,7 +158,10 @@ class Dataset:
         with self._lock:
             cached = self._files.get(path)
             if cached is None or cached[0] != stamp:
-                frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+                if path.suffix == ".parquet":  # markers.parquet's lists and structs as JSON text
+                    frame = read_results(path) if what == "results" else pd.read_parquet(path)
+                else:
+                    frame = pd.read_csv(path)
                 self._files[path] = cached = (stamp, frame)
             return cached[1]
 
