@@ -280,13 +280,15 @@ class Engine:
             verdicts.append(Verdict(int(pid), Light.NOT_APPLICABLE, [reason]))
         return verdict_table(verdicts)
 
-    def run_scheme(self, config: RunConfig) -> Scheme:
+    def run_scheme(self, config: RunConfig, check: bool = True) -> Scheme:
         """The scheme of a run configuration: its inline tables, or the recipe it names with the
-        dataset's own [applies_to] crops when it gives them."""
+        dataset's own [applies_to] crops when it gives them; with check, the configuration is
+        checked (plugins, options, windows) and each marker's bands against the extracted ones.
+        Reading a finished run's outputs needs no check (check=False)."""
         scheme = config.scheme or self.scheme(str(config.scheme_ref), config.base_dir)
         if config.applies_to is not None:
             scheme = replace(scheme, crop_codes=config.applies_to[0], crop_names=config.applies_to[1])
-        if config.extract:  # the bands the run extracts: a marker needing another is refused now
+        if check and config.extract:  # the bands the run extracts: a marker needing another is refused
             available: dict[str, set[str]] = {}
             for job in config.extract:
                 available.setdefault(str(job.get("card")), set()).update(map(str, job.get("bands") or []))

@@ -82,7 +82,7 @@ class FinishedRun:
     @property
     def policy(self) -> ValidityPolicy:
         """The run's observation-validity policy (its scheme's [validity] table): the one markers used."""
-        return self.engine.run_scheme(self.config).validity
+        return self.engine.run_scheme(self.config, check=False).validity
 
     def used_by_marker(self, pid: int) -> dict[str, set[str]]:
         """Per marker, the observations it based its result on (its `obsids`)."""
