@@ -361,7 +361,8 @@ def test_disk_full_store_fails_scenes_cleanly(client, tmp_path, tiny_disk) -> No
     failed = result.summary["scenes"]["failed"]
     assert failed and all("No space left on device" in r for r in failed.values())
     assert result.summary["scenes"]["extracted"] + len(failed) == S2_SCENES
-    assert not [f for f in tiny_disk.rglob("*") if f.is_file() and f.suffix != ".parquet"]
+    left = [f for f in tiny_disk.rglob("*") if f.is_file() and f.suffix != ".parquet"]
+    assert [f.name for f in left] == [".cbm-run.lock"]  # no temporary left; the run lock stays
     stats = Engine(progress=False).read_store(config.store).stats  # every file left is whole
     assert set(stats["obsid"]) == stored_obsids(config) and not set(failed) & stored_obsids(config)
 
