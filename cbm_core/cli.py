@@ -132,7 +132,8 @@ def run(config: Path, force: bool, quiet: bool, address: str | None, workers: in
         f"{summary['parcels']} parcels; scenes: {scenes['extracted']} extracted, "
         f"{scenes['skipped_already_stored']} already stored, {len(scenes['failed'])} failed"
     )
-    click.echo(f"verdicts: {lights['green']} green, {lights['yellow']} yellow, {lights['red']} red")
+    na = f", {lights['not_applicable']} not applicable" if lights.get("not_applicable") else ""
+    click.echo(f"verdicts: {lights['green']} green, {lights['yellow']} yellow, {lights['red']} red{na}")
     click.echo(f"written to {settings.out_dir}")
 
 
@@ -329,7 +330,8 @@ def score(
     counts = {light: int(lights.get(light, 0)) for light in ("green", "yellow", "red", "not_applicable")}
     click.echo(
         f"{len(verdicts)} parcels, {len(results)} marker results; verdicts: {counts['green']} green, "
-        f"{counts['yellow']} yellow, {counts['red']} red; written to {out}"
+        f"{counts['yellow']} yellow, {counts['red']} red, {counts['not_applicable']} not applicable; "
+        f"written to {out}"
     )
 
 
