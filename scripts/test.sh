@@ -23,7 +23,7 @@ ruff check .
 python -m pytest --cov --cov-report= "$@"
 python -m coverage report --skip-covered --skip-empty --sort=cover | tail -25
 if [ $# -eq 0 ]; then  # floors hold for the whole suite, not for a selection of tests
-  for floor in cbm_core:90 sources:90 extractors:90 markers:90 cbm_plugins:85; do
+  for floor in cbm_core:89 sources:89 extractors:95 markers:95 cbm_plugins:93; do  # docs/testing.md
     package=${floor%%:*}
     echo "coverage of $package: $(python -m coverage report --include="$package/*" --format=total)% (floor ${floor##*:}%)"
     python -m coverage report --include="$package/*" --fail-under="${floor##*:}" >/dev/null

@@ -200,10 +200,10 @@ class HoldingProxy:
 
 def test_a_database_restart_during_a_request_is_retried_and_answered(postgres, tmp_path):
     """docs/postgis.md: a lost connection is reopened and the work run again, so a request that
-    is in flight while the database restarts still gets its answer (test_server.py restarts
-    between requests). The proxy holds the server's query until PostgreSQL has restarted, which
-    kills the connection under it. Planted bug: `transaction` re-raising the first
-    OperationalError (the request got 503)."""
+    is in flight while the database restarts still gets its answer within the server's
+    store_timeout (here 60 s; test_server.py restarts between requests). The proxy holds the
+    server's query until PostgreSQL has restarted, which kills the connection under it. Planted
+    bug: `transaction` re-raising the first OperationalError (the request got 503)."""
     obsids = list(read_catalogue_csv(DEMO / "scenes.csv").query("card == 's2'")["obsid"][:3])
     proxy = HoldingProxy(postgres.port)
     dsn = postgres.dsn.replace(f"port={postgres.port}", f"port={proxy.port}")
@@ -216,7 +216,7 @@ def test_a_database_restart_during_a_request_is_retried_and_answered(postgres, t
     config_file = tmp_path / "server.toml"
     source = f'{{ plugin = "local", parcels = "{DEMO / "parcels.gpkg"}", scenes = "{DEMO / "scenes.csv"}" }}'
     config_file.write_text(
-        '[server]\nusers = "users.json"\n[[dataset]]\naoi = "fl"\nyear = 2023\n'
+        '[server]\nusers = "users.json"\nstore_timeout = 60.0\n[[dataset]]\naoi = "fl"\nyear = 2023\n'
         f"source = {source}\nstore = {inline}\n"
     )
     write_users(tmp_path / "users.json", {"ann": make_user("ann", "correct horse", ["fl"])})

@@ -48,7 +48,12 @@ def cbm_marker_run(series: TimeSeries, params: Mapping[str, Any]) -> list[Marker
                 Status.OK,
                 events=events,
                 confidence=1.0,
-                values={"ndvi_max": float(best["ndvi"])},
+                # the evidence the traffic light weighs before "no event" may count (docs/markers.md)
+                values={
+                    "ndvi_max": float(best["ndvi"]),
+                    "valid_observations": len(obs),
+                    "window": f"{obs['obstime'].min():%Y-%m-%d}..{obs['obstime'].max():%Y-%m-%d}",
+                },
                 obsids=tuple(obs["obsid"]),
             )
         )
