@@ -111,7 +111,11 @@ class RustacServer:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # rustac may ignore SIGTERM while a request is open
+                self.process.kill()
+                self.process.wait(timeout=10)
 
 
 class ApiFaults:
